@@ -1,0 +1,787 @@
+"""Tests for django_tornado: real Tornado servers on loopback, real HTTP clients, no mocks.
+
+Each test's tiny views sit right above it; ``@route`` adds them to this
+module's urlconf.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import threading
+import time
+
+import django
+import pytest
+import requests
+import tornado.httpserver
+import tornado.netutil
+import tornado.websocket
+from django.conf import settings
+from django.test.utils import override_settings
+
+_DATABASE_DIR = tempfile.mkdtemp(prefix="django_tornado_test_")
+settings.configure(
+    DEBUG=False,
+    SECRET_KEY="django-tornado-tests",
+    ALLOWED_HOSTS=["127.0.0.1", "localhost"],
+    ROOT_URLCONF=__name__,
+    DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": os.path.join(_DATABASE_DIR, "db.sqlite3")}},
+    INSTALLED_APPS=[
+        "django.contrib.auth",
+        "django.contrib.contenttypes",
+        "django.contrib.sessions",
+        "django.contrib.messages",
+    ],
+    MIDDLEWARE=[  # Django's default stack, as startproject writes it
+        "django.middleware.security.SecurityMiddleware",
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.middleware.common.CommonMiddleware",
+        "django.middleware.csrf.CsrfViewMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "django.contrib.messages.middleware.MessageMiddleware",
+        "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    ],
+    TEMPLATES=[{"BACKEND": "django.template.backends.django.DjangoTemplates", "APP_DIRS": True}],
+    PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"],  # fast, for tests only
+)
+django.setup()
+
+from django.contrib.auth import authenticate, login  # noqa: E402 (needs settings)
+from django.contrib.auth.models import User  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.http import (  # noqa: E402
+    FileResponse,
+    HttpResponse,
+    JsonResponse,
+    StreamingHttpResponse,
+)
+from django.middleware.csrf import get_token  # noqa: E402
+from django.urls import path  # noqa: E402
+from django.views.decorators.csrf import csrf_exempt  # noqa: E402
+
+import django_tornado  # noqa: E402
+from django_tornado import asynchronous, make_app  # noqa: E402
+
+urlpatterns = []
+TIMEOUT = 10  # seconds any single client call may take before the test fails
+
+
+def route(pattern):
+    """Add the decorated view to this module's urlconf at ``pattern``."""
+
+    def register(view):
+        urlpatterns.append(path(pattern, view))
+        return view
+
+    return register
+
+
+# -- A live server ---------------------------------------------------------------
+
+
+class LiveServer:
+    """Serve ``app`` with a real HTTPServer on a free loopback port, in a thread of its own."""
+
+    def __init__(self, app, **server_options):
+        self.app = app
+        self.server_options = server_options
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
+
+    async def _serve(self):
+        server = tornado.httpserver.HTTPServer(self.app, **self.server_options)
+        sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+        server.add_sockets(sockets)
+        self.port = sockets[0].getsockname()[1]
+        self.loop = asyncio.get_running_loop()
+        self.thread_id = threading.get_ident()
+        self._stop = asyncio.Event()
+        self._ready.set()
+        await self._stop.wait()
+        server.stop()
+        await server.close_all_connections()
+        self.app.django_bridge.shutdown()
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def __enter__(self):
+        self._thread.start()
+        assert self._ready.wait(TIMEOUT), "server did not start"
+        return self
+
+    def __exit__(self, *exc_info):
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(TIMEOUT)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def database():
+    call_command("migrate", verbosity=0)
+
+
+class EchoWebSocket(tornado.websocket.WebSocketHandler):
+    def on_message(self, message):
+        self.write_message("echo: " + message)
+
+
+@pytest.fixture(scope="module")
+def server(database):
+    with LiveServer(make_app([(r"/ws", EchoWebSocket)], threads=4)) as live:
+        yield live
+
+
+def get(server, path, **kwargs):
+    return requests.get(server.url(path), timeout=TIMEOUT, **kwargs)
+
+
+def wait_for(condition, timeout=5.0):
+    """Wait until ``condition()`` is true (polling a cross-thread state), or fail."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def raw_request(server, request_bytes):
+    """Send raw bytes; return the connected socket for the caller to read and close."""
+    connection = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+    connection.sendall(request_bytes)
+    return connection
+
+
+# -- Plain views run in the pool ------------------------------------------------
+
+slow_view_release = threading.Event()
+slow_views_running = []
+
+
+@route("slow")
+def slow(request):
+    slow_views_running.append(request)
+    try:
+        slow_view_release.wait(2)
+    finally:
+        slow_views_running.remove(request)
+    return HttpResponse("slow")
+
+
+@route("fast")
+def fast(request):
+    return JsonResponse({"fast": True, "thread": threading.get_ident()})
+
+
+def test_a_slow_sync_view_does_not_delay_a_fast_one(server):
+    slow_view_release.clear()
+    with contextlib.closing(raw_request(server, b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")) as slow_client:
+        started = time.monotonic()
+        response = get(server, "/fast")
+        elapsed = time.monotonic() - started
+        slow_view_release.set()
+        assert slow_client.recv(1024).startswith(b"HTTP/1.1 200")
+    assert response.json()["fast"] is True
+    assert elapsed < 0.2
+    assert response.json()["thread"] != server.thread_id  # ran in the pool, not on the IOLoop
+
+
+@route("echo")
+@csrf_exempt
+def echo(request):
+    return JsonResponse(
+        {
+            "method": request.method,
+            "path": request.path,
+            "query": request.GET.dict(),
+            "body": request.body.decode(),
+            "content_type": request.content_type,
+            "remote_addr": request.META["REMOTE_ADDR"],
+            "secure": request.is_secure(),
+            "host": request.get_host(),
+            "custom": request.META.get("HTTP_X_CUSTOM"),
+        }
+    )
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+def test_every_method_reaches_the_view_with_its_body(server, method):
+    response = requests.request(method, server.url("/echo?a=1&b=%C3%A9"), data=b"payload", timeout=TIMEOUT)
+    assert response.status_code == 200
+    seen = response.json()
+    assert seen["method"] == method
+    assert seen["query"] == {"a": "1", "b": "é"}
+    assert seen["body"] == "payload"
+
+
+def test_head_sends_the_headers_of_get_without_a_body(server):
+    got = get(server, "/fast")
+    head = requests.head(server.url("/fast"), timeout=TIMEOUT)
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["Content-Length"] == str(len(got.content))
+    assert head.headers["Content-Type"] == "application/json"
+
+
+def test_a_chunked_request_body_arrives_whole(server):
+    response = requests.post(server.url("/echo"), data=iter([b"abc", b"def"]), timeout=TIMEOUT)
+    assert response.json()["body"] == "abcdef"
+
+
+@route("unicode/<str:word>")
+def unicode_word(request, word):
+    return JsonResponse({"word": word, "path": request.path})
+
+
+def test_path_is_percent_decoded_as_utf8(server):
+    response = get(server, "/unicode/caf%C3%A9%20cr%C3%A8me")
+    assert response.json() == {"word": "café crème", "path": "/unicode/café crème"}
+
+
+@pytest.mark.parametrize("bad_path", ["/unicode/%ff%fe", "/echo?q=%ff&r=%zz", "/unicode/%E2%82"])
+def test_bad_percent_encoding_is_answered_not_crashed(server, bad_path):
+    response = get(server, bad_path)
+    assert response.status_code in (200, 400, 404)
+    assert "Traceback" not in response.text
+
+
+def test_proxy_headers_are_ignored_without_xheaders(server):
+    response = get(server, "/echo", headers={"X-Forwarded-For": "203.0.113.9", "X-Real-IP": "203.0.113.9", "X-Forwarded-Proto": "https"})
+    assert response.json()["remote_addr"] == "127.0.0.1"
+    assert response.json()["secure"] is False
+
+
+def test_proxy_headers_are_trusted_with_xheaders(database):
+    with LiveServer(make_app(threads=1), xheaders=True) as trusting:
+        response = get(trusting, "/echo", headers={"X-Real-IP": "203.0.113.9", "X-Forwarded-Proto": "https"})
+    assert response.json()["remote_addr"] == "203.0.113.9"
+    assert response.json()["secure"] is True
+
+
+def test_headers_spelled_with_underscores_are_dropped(server):
+    with contextlib.closing(raw_request(server, b"GET /echo HTTP/1.0\r\nHost: 127.0.0.1\r\nX_Custom: spoofed\r\n\r\n")) as client:
+        answer = b"".join(iter(lambda: client.recv(65536), b""))
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["custom"] is None
+    assert get(server, "/echo", headers={"X-Custom": "kept"}).json()["custom"] == "kept"
+
+
+@route("cookies")
+def cookies(request):
+    response = HttpResponse("three cookies")
+    for name in ("first", "second", "third"):
+        response.set_cookie(name, name.upper())
+    return response
+
+
+def test_several_set_cookie_headers_all_arrive(server):
+    response = get(server, "/cookies")
+    assert response.raw.headers.getlist("Set-Cookie")[:3] == [
+        "first=FIRST; Path=/",
+        "second=SECOND; Path=/",
+        "third=THIRD; Path=/",
+    ]
+    assert response.cookies.get_dict() == {"first": "FIRST", "second": "SECOND", "third": "THIRD"}
+
+
+@route("upload")
+@csrf_exempt
+def upload(request):
+    uploaded = request.FILES["document"]
+    return JsonResponse(
+        {
+            "name": uploaded.name,
+            "size": uploaded.size,
+            "sha256": hashlib.sha256(uploaded.read()).hexdigest(),
+            "title": request.POST["title"],
+        }
+    )
+
+
+@pytest.mark.parametrize("size", [10, 3 * 1024 * 1024])  # in memory, and spilled to disk
+def test_multipart_upload(server, size):
+    document = os.urandom(size)
+    response = requests.post(
+        server.url("/upload"),
+        files={"document": ("report.bin", document)},
+        data={"title": "Quarterly ✓"},
+        timeout=TIMEOUT,
+    )
+    assert response.json() == {
+        "name": "report.bin",
+        "size": size,
+        "sha256": hashlib.sha256(document).hexdigest(),
+        "title": "Quarterly ✓",
+    }
+
+
+@route("boom")
+def boom(request):
+    raise ValueError("the view broke")
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_404_and_500_pages_follow_debug(server, debug):
+    with override_settings(DEBUG=debug):
+        missing = get(server, "/no/such/page")
+        broken = get(server, "/boom")
+    assert missing.status_code == 404
+    assert broken.status_code == 500
+    assert ("the view broke" in broken.text) is debug  # the technical 500 page only with DEBUG
+    assert ("URLconf" in missing.text) is debug
+    assert get(server, "/fast").status_code == 200  # and the server keeps serving
+
+
+def test_a_host_outside_allowed_hosts_gets_400(server):
+    response = get(server, "/fast", headers={"Host": "evil.example"})
+    assert response.status_code == 400
+
+
+@route("form")
+def form(request):
+    request.session["visits"] = request.session.get("visits", 0) + 1
+    return JsonResponse({"csrf": get_token(request)})
+
+
+@route("submit")
+def submit(request):
+    return JsonResponse({"visits": request.session.get("visits"), "said": request.POST.get("said")})
+
+
+def test_csrf_protected_post_with_session_cookie_round_trip(server):
+    browser = requests.Session()
+    token = browser.get(server.url("/form"), timeout=TIMEOUT).json()["csrf"]
+    assert {"sessionid", "csrftoken"} <= set(browser.cookies.keys())
+    accepted = browser.post(server.url("/submit"), data={"csrfmiddlewaretoken": token, "said": "hi"}, timeout=TIMEOUT)
+    assert accepted.json() == {"visits": 1, "said": "hi"}
+    rejected = requests.post(server.url("/submit"), data={"said": "forged"}, cookies={"sessionid": browser.cookies["sessionid"]}, timeout=TIMEOUT)
+    assert rejected.status_code == 403
+
+
+def test_a_native_tornado_websocket_route_lives_beside_django(server):
+    async def talk():
+        connection = await tornado.websocket.websocket_connect(f"ws://127.0.0.1:{server.port}/ws")
+        await connection.write_message("hello")
+        reply = await asyncio.wait_for(connection.read_message(), TIMEOUT)
+        connection.close()
+        return reply
+
+    assert asyncio.run(talk()) == "echo: hello"
+    assert get(server, "/fast").status_code == 200
+
+
+# -- Streaming ---------------------------------------------------------------------
+
+stream_gate = threading.Event()
+stream_closed = threading.Event()
+
+
+@route("stream/sync")
+def stream_sync(request):
+    def chunks():
+        try:
+            yield b"first;"
+            stream_gate.wait(TIMEOUT)
+            yield b"second;"
+        finally:
+            stream_closed.set()
+
+    return StreamingHttpResponse(chunks(), content_type="text/plain")
+
+
+@route("stream/async")
+async def stream_async(request):
+    async def chunks():
+        try:
+            yield b"first;"
+            for _ in range(TIMEOUT * 100):
+                if stream_gate.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            yield b"second;"
+        finally:
+            stream_closed.set()
+
+    return StreamingHttpResponse(chunks(), content_type="text/plain")
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_streaming_first_chunk_arrives_before_the_stream_ends(server, kind):
+    stream_gate.clear()
+    stream_closed.clear()
+    with get(server, f"/stream/{kind}", stream=True) as response:
+        chunks = response.iter_content(chunk_size=None)
+        assert next(chunks) == b"first;"  # the iterator is still waiting at this point
+        stream_gate.set()
+        assert b"".join(chunks) == b"second;"
+    assert "Content-Length" not in response.headers
+    assert stream_closed.wait(TIMEOUT)
+
+
+@route("stream/endless/<str:kind>")
+def stream_endless(request, kind):
+    def sync_chunks():
+        try:
+            for number in range(1000):
+                yield b"tick %d\n" % number
+                time.sleep(0.01)
+        finally:
+            stream_closed.set()
+
+    async def async_chunks():
+        try:
+            yield b"tick 0\n"
+            await asyncio.sleep(TIMEOUT * 2)  # cancelled when the client leaves
+            yield b"never"
+        finally:
+            stream_closed.set()
+
+    return StreamingHttpResponse(sync_chunks() if kind == "sync" else async_chunks())
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_client_leaving_mid_stream_stops_and_closes_the_iterator(server, kind):
+    stream_closed.clear()
+    with contextlib.closing(raw_request(server, f"GET /stream/endless/{kind} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())) as client:
+        received = b""
+        while b"tick 0" not in received:
+            received += client.recv(4096)
+    assert stream_closed.wait(5)
+
+
+@route("stream/broken")
+def stream_broken(request):
+    def chunks():
+        yield b"partial"
+        raise RuntimeError("the iterator broke")
+
+    return StreamingHttpResponse(chunks())
+
+
+def test_an_iterator_raising_mid_stream_truncates_the_response(server, caplog):
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):  # no final empty chunk
+        get(server, "/stream/broken")
+    assert "failed mid-stream" in caplog.text
+    assert get(server, "/fast").status_code == 200
+
+
+@route("file")
+def file_download(request):
+    return FileResponse(open(request.GET["path"], "rb"), as_attachment=True, filename="data.bin")  # noqa: SIM115
+
+
+def test_file_response_streams_the_whole_file(server, tmp_path):
+    data = os.urandom(1024 * 1024 + 7)
+    (tmp_path / "data.bin").write_bytes(data)
+    response = get(server, "/file", params={"path": str(tmp_path / "data.bin")})
+    assert response.content == data
+    assert response.headers["Content-Length"] == str(len(data))
+    assert response.headers["Content-Disposition"] == 'attachment; filename="data.bin"'
+
+
+# -- async def views ---------------------------------------------------------------
+
+
+@route("coroutine")
+async def coroutine(request):
+    await tornado.gen.sleep(0.01)
+    await asyncio.sleep(0.01)
+    return JsonResponse({"thread": threading.get_ident(), "user": str(request.user)})
+
+
+def test_async_def_views_run_on_the_ioloop(server):
+    response = get(server, "/coroutine")
+    assert response.json() == {"thread": server.thread_id, "user": "AnonymousUser"}
+
+
+# -- @asynchronous: the original project's contract ------------------------------
+# The "Quick Tutorial" of the original README, verbatim, with what it leaves
+# to the reader (Session, channel, ChatResponseError) defined first.
+
+
+class ChatResponseError(JsonResponse):
+    def __init__(self, message):
+        super().__init__({"error": message}, status=400)
+
+
+class Session:
+    sessions = {}
+
+    def __init__(self, id):
+        self.id = id
+        self.pokes = 0
+
+    @classmethod
+    def get(cls, id):
+        return cls.sessions.get(id)
+
+    def poke(self):
+        self.pokes += 1
+
+
+class Channel:
+    """Messages, and callbacks waiting for messages newer than ``since``."""
+
+    def __init__(self):
+        self.messages = []
+        self.callbacks = []
+        self.lock = threading.Lock()
+
+    def query(self, callback, since):
+        with self.lock:
+            newer = [message for message in self.messages if message["timestamp"] > since]
+            if not newer:
+                self.callbacks.append(callback)
+                return
+        callback(newer)
+
+    def append(self, text):
+        with self.lock:
+            message = {"text": text, "timestamp": len(self.messages) + 1}
+            self.messages.append(message)
+            callbacks, self.callbacks = self.callbacks, []
+        for callback in callbacks:
+            callback([message])
+
+    def size(self):
+        return len(self.messages)
+
+
+channel = Channel()
+
+
+from django_tornado.decorator import asynchronous  # noqa: E402, F811
+
+@asynchronous
+def recv(request, handler) :
+    response = {}  # noqa: F841
+
+    if 'since' not in request.GET :
+        return ChatResponseError('Must supply since parameter')
+    if 'id' not in request.GET :
+        return ChatResponseError('Must supply id parameter')
+
+    id = request.GET['id']
+    session = Session.get(id)
+    if session :
+        session.poke()
+
+    since = int(request.GET['since'])
+
+    def on_new_messages(messages) :
+        if handler.request.connection.stream.closed():
+            return
+        handler.finish({ 'messages': messages, 'rss' : channel.size() })
+
+    channel.query(handler.async_callback(on_new_messages), since)
+
+# (end of the original README's example)
+
+route("recv")(recv)
+
+
+@route("send")
+@csrf_exempt
+def send(request):
+    channel.append(request.POST["text"])  # in a pool thread: wakes the long-polls through async_callback
+    return JsonResponse({"sent": True})
+
+
+def test_the_original_readme_recv_example_runs_as_written(server):
+    Session.sessions["s1"] = Session("s1")
+    since = channel.size()
+    with requests.Session() as poller:
+        pending = threading.Thread(target=lambda: results.append(poller.get(server.url(f"/recv?since={since}&id=s1"), timeout=TIMEOUT)))
+        results = []
+        pending.start()
+        wait_for(lambda: len(channel.callbacks) == 1)  # parked, holding no thread
+        assert requests.post(server.url("/send"), data={"text": "hello"}, timeout=TIMEOUT).json() == {"sent": True}
+        pending.join(TIMEOUT)
+    response = results[0]
+    assert response.status_code == 200
+    assert response.json() == {"messages": [{"text": "hello", "timestamp": since + 1}], "rss": since + 1}
+    assert response.headers["Content-Type"] == "application/json; charset=UTF-8"
+    assert Session.sessions["s1"].pokes == 1
+    # Already-available messages come back at once; bad input gets the view's own 400.
+    assert get(server, f"/recv?since={since}&id=s1").json()["messages"][0]["text"] == "hello"
+    assert get(server, "/recv?id=s1").status_code == 400
+
+
+waiters = []
+waiter_parked = threading.Event()
+
+
+@route("wait")
+@asynchronous
+def wait(request, handler):
+    request.session["waiting"] = True  # so SessionMiddleware sets a cookie on the late answer
+    callback = handler.async_callback(lambda text: handler.finish({"text": text, "thread": threading.get_ident()}))
+    waiters.append(callback)
+    handler.add_disconnect_callback(lambda: waiters.remove(callback))
+    waiter_parked.set()
+
+
+def wake_waiters(text):
+    """Call every parked waiter from this (non-IOLoop) thread."""
+    while waiters:
+        waiters.pop()(text)
+
+
+def test_async_callback_from_another_thread_answers_on_the_ioloop_with_middleware_headers(server):
+    waiter_parked.clear()
+    results = []
+    pending = threading.Thread(target=lambda: results.append(get(server, "/wait")))
+    pending.start()
+    assert waiter_parked.wait(TIMEOUT)
+    wake_waiters("late")
+    pending.join(TIMEOUT)
+    response = results[0]
+    assert response.json() == {"text": "late", "thread": server.thread_id}
+    # Headers Django's middleware put on the placeholder reach the late answer.
+    assert "sessionid" in response.cookies
+    assert response.headers["X-Frame-Options"] == "DENY"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert "Cookie" in response.headers["Vary"]
+    assert "no-store" in response.headers["Cache-Control"]
+
+
+def test_a_client_leaving_drops_its_waiter(server):
+    waiter_parked.clear()
+    with contextlib.closing(raw_request(server, b"GET /wait HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")):
+        assert waiter_parked.wait(TIMEOUT)
+        assert len(waiters) == 1
+    wait_for(lambda: not waiters)
+
+
+@route("answer-at-once")
+@asynchronous
+def answer_at_once(request, handler):
+    return JsonResponse({"handler": type(handler).__name__})
+
+
+def test_an_asynchronous_view_may_return_a_response(server):
+    assert get(server, "/answer-at-once").json() == {"handler": "DjangoHandler"}
+
+
+@route("answer-inside")
+@asynchronous
+def answer_inside(request, handler):
+    request.session["inside"] = True
+    handler.set_header("Cache-Control", "max-age=5")  # the view's own header wins over the placeholder's
+    handler.finish("answered inside the view")  # before middleware has finished: waits for its headers
+
+
+def test_finishing_inside_the_view_still_carries_middleware_headers(server):
+    response = get(server, "/answer-inside")
+    assert response.text == "answered inside the view"
+    assert "sessionid" in response.cookies
+    assert response.headers["Cache-Control"] == "max-age=5"
+
+
+@route("never")
+@asynchronous(timeout=0.2)
+def never(request, handler):
+    handler.add_disconnect_callback(never_abandoned.set)
+
+
+never_abandoned = threading.Event()
+
+
+def test_a_deferred_request_times_out_with_504(server):
+    never_abandoned.clear()
+    response = get(server, "/never")
+    assert response.status_code == 504
+    assert never_abandoned.is_set()
+
+
+failing_callbacks = []
+
+
+@route("fail-later")
+@asynchronous
+def fail_later(request, handler):
+    def broken(_):
+        raise KeyError("no such thing")
+
+    failing_callbacks.append(handler.async_callback(broken))
+
+
+def test_an_exception_in_a_deferred_callback_ends_that_request_with_500(server, caplog):
+    results = []
+    pending = threading.Thread(target=lambda: results.append(get(server, "/fail-later")))
+    pending.start()
+    wait_for(lambda: failing_callbacks)
+    failing_callbacks.pop()(None)
+    pending.join(TIMEOUT)
+    assert results[0].status_code == 500
+    assert "Error in callback for GET /fail-later" in caplog.text
+    assert get(server, "/fast").status_code == 200
+
+
+@route("coroutine-asynchronous")
+@asynchronous
+async def coroutine_asynchronous(request, handler):
+    await asyncio.sleep(0.01)
+    asyncio.get_running_loop().call_later(0.01, handler.finish, {"late": True})
+
+
+def test_asynchronous_decorates_async_def_views_too(server):
+    assert get(server, "/coroutine-asynchronous").json() == {"late": True}
+
+
+def test_asynchronous_views_and_async_def_views_answer_while_slow_views_fill_the_pool(database):
+    slow_view_release.clear()
+    with LiveServer(make_app(threads=2)) as small:
+        slow_clients = [raw_request(small, b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n") for _ in range(4)]
+        wait_for(lambda: len(slow_views_running) == 2)  # the pool is full; two more wait in its queue
+        started = time.monotonic()
+        assert get(small, "/answer-at-once").status_code == 200
+        assert get(small, "/coroutine").status_code == 200
+        elapsed = time.monotonic() - started
+        slow_view_release.set()
+        for client in slow_clients:
+            assert client.recv(1024).startswith(b"HTTP/1.1 200")  # the queued ones complete too
+            client.close()
+    assert elapsed < 1
+
+
+def test_the_decorator_needs_django_tornado_to_serve_the_view():
+    from django.test import Client
+
+    with pytest.raises(RuntimeError, match="test_django_tornado.answer_at_once is @asynchronous"):
+        Client().get("/answer-at-once", HTTP_HOST="127.0.0.1")
+
+
+# -- threads=0: the original single-threaded mode -----------------------------------
+
+
+@route("signup")
+@csrf_exempt
+def signup(request):
+    user = User.objects.create_user(request.POST["username"], password=request.POST["password"])
+    login(request, authenticate(request, username=user.username, password=request.POST["password"]))
+    return JsonResponse({"thread": threading.get_ident()})
+
+
+@route("whoami")
+def whoami(request):
+    return JsonResponse({"username": request.user.username})
+
+
+def test_threads_zero_runs_views_on_the_ioloop_with_the_orm_working(database):
+    with LiveServer(make_app(threads=0)) as single, requests.Session() as browser:
+        assert single.app.django_executor is None
+        signed_up = browser.post(single.url("/signup"), data={"username": "ada", "password": "s3cret!"}, timeout=TIMEOUT)
+        assert signed_up.status_code == 200
+        assert signed_up.json()["thread"] == single.thread_id
+        assert browser.get(single.url("/whoami"), timeout=TIMEOUT).json() == {"username": "ada"}
+
+
+def test_threads_must_not_be_negative():
+    with pytest.raises(ValueError, match="threads must be 0 or more, not -1"):
+        make_app(threads=-1)
+
+
+def test_module_exports_a_small_api():
+    assert django_tornado.__all__ == ["DjangoHandler", "asynchronous", "make_app"]
