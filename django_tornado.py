@@ -104,6 +104,7 @@ _DEFERRING = "asynchronous"  # middleware in the reserved pool, view body on the
 _COROUTINE = "async def"  # Django's async cycle on the IOLoop
 
 _END = object()  # sentinel for next() on a streaming iterator
+_BODYLESS_STATUS_CODES = frozenset((*range(100, 200), 204, 304))  # RFC 9110 section 6.4.1
 # Headers that describe the placeholder's empty body, not the late answer.
 _PLACEHOLDER_ONLY_HEADERS = frozenset(
     ("content-type", "content-length", "content-encoding", "etag", "last-modified")
@@ -377,10 +378,13 @@ class DjangoHandler(tornado.web.RequestHandler):
                 self.add_header(name, value)
             else:
                 self.set_header(name, value)
-        if response.streaming:
-            await self._stream(response)
-        elif self._should_not_send_content(response.status_code):
+        if response.status_code in _BODYLESS_STATUS_CODES:
+            self.clear_header("Content-Length")  # CommonMiddleware counts the content HTTP forbids here
             self.finish()
+            if response.streaming:
+                await self.bridge.close_response(response)
+        elif response.streaming:
+            await self._stream(response)
         else:
             self.finish(response.content)
 

@@ -7,12 +7,14 @@ module's urlconf.
 import asyncio
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import socket
 import tempfile
 import threading
 import time
+from typing import ClassVar
 
 import django
 import pytest
@@ -50,21 +52,22 @@ settings.configure(
 )
 django.setup()
 
-from django.contrib.auth import authenticate, login  # noqa: E402 (needs settings)
-from django.contrib.auth.models import User  # noqa: E402
-from django.core.management import call_command  # noqa: E402
-from django.http import (  # noqa: E402
+# Imported once settings are configured:
+from django.contrib.auth import authenticate, login
+from django.contrib.auth.models import User
+from django.core.management import call_command
+from django.http import (
     FileResponse,
     HttpResponse,
     JsonResponse,
     StreamingHttpResponse,
 )
-from django.middleware.csrf import get_token  # noqa: E402
-from django.urls import path  # noqa: E402
-from django.views.decorators.csrf import csrf_exempt  # noqa: E402
+from django.middleware.csrf import get_token
+from django.urls import path
+from django.views.decorators.csrf import csrf_exempt
 
-import django_tornado  # noqa: E402
-from django_tornado import asynchronous, make_app  # noqa: E402
+import django_tornado
+from django_tornado import asynchronous, make_app
 
 urlpatterns = []
 TIMEOUT = 10  # seconds any single client call may take before the test fails
@@ -285,6 +288,24 @@ def test_several_set_cookie_headers_all_arrive(server):
     assert response.cookies.get_dict() == {"first": "FIRST", "second": "SECOND", "third": "THIRD"}
 
 
+@route("status/<int:code>")
+def status(request, code):
+    return HttpResponse("a body HTTP forbids here", status=code)
+
+
+@pytest.mark.parametrize("code", [204, 304])
+def test_bodyless_statuses_send_no_body_and_keep_the_connection_usable(server, code):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT)
+    connection.request("GET", f"/status/{code}")
+    response = connection.getresponse()
+    assert (response.status, response.read()) == (code, b"")
+    assert response.getheader("Content-Length") is None
+    assert response.getheader("Transfer-Encoding") is None
+    connection.request("GET", "/fast")  # the same keep-alive connection still works
+    assert json.loads(connection.getresponse().read())["fast"] is True
+    connection.close()
+
+
 @route("upload")
 @csrf_exempt
 def upload(request):
@@ -468,7 +489,7 @@ def test_an_iterator_raising_mid_stream_truncates_the_response(server, caplog):
 
 @route("file")
 def file_download(request):
-    return FileResponse(open(request.GET["path"], "rb"), as_attachment=True, filename="data.bin")  # noqa: SIM115
+    return FileResponse(open(request.GET["path"], "rb"), as_attachment=True, filename="data.bin")
 
 
 def test_file_response_streams_the_whole_file(server, tmp_path):
@@ -506,7 +527,7 @@ class ChatResponseError(JsonResponse):
 
 
 class Session:
-    sessions = {}
+    sessions: ClassVar[dict] = {}
 
     def __init__(self, id):
         self.id = id
@@ -551,7 +572,7 @@ class Channel:
 channel = Channel()
 
 
-from django_tornado.decorator import asynchronous  # noqa: E402, F811
+from django_tornado.decorator import asynchronous  # noqa: F811, I001 (the README's own import, kept verbatim)
 
 @asynchronous
 def recv(request, handler) :
