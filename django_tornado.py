@@ -13,10 +13,11 @@ runs on the IOLoop and can ``await`` anything asyncio or Tornado offers::
         return JsonResponse({"hello": request.GET.get("name", "world")})
 
     @asynchronous
-    def wait(request, handler):              # runs on the IOLoop
-        waiters.append(handler.async_callback(handler.finish))
-        handler.add_disconnect_callback(lambda: waiters.pop())
-        # returning None: the answer comes later, through handler.finish()
+    def wait(request, handler):              # the body runs on the IOLoop
+        waiter = handler.async_callback(handler.finish)  # callable from any thread
+        waiters.add(waiter)                  # someone calls waiter({"news": ...}) later
+        handler.add_disconnect_callback(lambda: waiters.discard(waiter))
+        # returns None: the answer comes later
 
     async def pause(request):                # runs on the IOLoop too
         await asyncio.sleep(1)
@@ -33,11 +34,9 @@ IOLoop thread and must not block it. An ``@asynchronous`` view that returns
 through ``handler.async_callback``). With ``threads=0`` everything runs on the
 IOLoop thread, as the original django_tornado did.
 
-Not supported: HTTP/2, Django's ``StreamingHttpResponse`` from a sync iterator
-holding a pool thread between chunks (by design it does not), and response
-middleware that rewrites the late body of an ``@asynchronous`` view (GZip,
-ETags): middleware sees a placeholder, and only its headers reach the late
-answer.
+Not supported: HTTP/2, and response middleware that rewrites the late body of
+an ``@asynchronous`` view (GZip, ETags): middleware sees a placeholder, and only
+its headers reach the late answer.
 """
 
 from __future__ import annotations
@@ -80,20 +79,17 @@ from django.utils.cache import add_never_cache_headers
 __version__ = "0.1.0"
 __all__ = ["DjangoHandler", "asynchronous", "make_app"]
 
-logger = logging.getLogger(__name__)
+_logger = logging.getLogger(__name__)
 
 # Code written for the original project imports ``django_tornado.decorator``;
 # the single-file module answers to that name too.
 sys.modules[f"{__name__}.decorator"] = sys.modules[__name__]
 
-#: Threads for plain views when ``make_app(threads=None)``: ThreadPoolExecutor's own default.
-DEFAULT_THREADS = min(32, (os.cpu_count() or 1) + 4)
-#: Threads reserved for the synchronous part (middleware) of ``@asynchronous`` views,
-#: so long-polls keep being accepted while slow plain views fill the main pool.
-RESERVED_THREADS = 4
-#: Environ key under which an ``@asynchronous`` view finds its handler (PEP 3333
-#: lets servers add their own keys).
-HANDLER_ENVIRON_KEY = "tornado.handler"
+_DEFAULT_THREADS = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's own default
+# Threads for the synchronous part (middleware) of @asynchronous views, so
+# long-polls keep being accepted while slow plain views fill the main pool.
+_RESERVED_THREADS = 4
+_HANDLER_ENVIRON_KEY = "tornado.handler"  # PEP 3333 lets servers add keys of their own
 
 _FILE_BLOCK_SIZE = 64 * 1024  # FileResponse reads 4 KiB by default; Django's ASGI handler raises it too
 _ROUTE_CACHE_SIZE = 1024  # distinct paths whose view kind is remembered
@@ -143,7 +139,7 @@ def _wsgi_environ(tornado_request: tornado.httputil.HTTPServerRequest, body: io.
         "wsgi.multithread": True,
         "wsgi.multiprocess": False,
         "wsgi.run_once": False,
-        HANDLER_ENVIRON_KEY: handler,
+        _HANDLER_ENVIRON_KEY: handler,
     }
     body.seek(0)
     for name, value in tornado_request.headers.get_all():
@@ -207,7 +203,7 @@ class _DjangoBridge:
         self.wsgi_handler = WSGIHandler()
         self.executor = concurrent.futures.ThreadPoolExecutor(threads, "django") if threads else None
         self.reserved_executor = (
-            concurrent.futures.ThreadPoolExecutor(min(threads, RESERVED_THREADS), "django-asynchronous") if threads else None
+            concurrent.futures.ThreadPoolExecutor(min(threads, _RESERVED_THREADS), "django-asynchronous") if threads else None
         )
         self.deferred_handlers: set[DjangoHandler] = set()  # requests answered later, for shutdown and monitoring
         self._async_handler: BaseHandler | None = None
@@ -320,6 +316,7 @@ class DjangoHandler(tornado.web.RequestHandler):
         self._task: asyncio.Task[Any] | None = None  # Django work on the IOLoop the client leaving cancels
         self._expiry: object | None = None
         self._headers_sent = False
+        self._abandoned = False  # ended without the view's answer
         self._done = False
 
     # Request body: collected here so Tornado does not parse forms Django will parse.
@@ -369,7 +366,7 @@ class DjangoHandler(tornado.web.RequestHandler):
     async def _write_response(self, response: HttpResponseBase) -> None:
         """Write Django's response: headers, then the body at once or chunk by chunk."""
         if self._waiting_for_django:
-            logger.warning("%s %s: middleware replaced the response the view had started", self.request.method, self.request.uri)
+            _logger.warning("%s %s: middleware replaced the response the view had started", self.request.method, self.request.uri)
             self._waiting_for_django = []
         self.set_status(response.status_code, response.reason_phrase)
         self.clear_header("Content-Type")  # Tornado's default; Django's own headers are complete
@@ -412,7 +409,7 @@ class DjangoHandler(tornado.web.RequestHandler):
         except tornado.iostream.StreamClosedError:
             pass  # the client left; closing the response below stops the iterator
         except Exception:
-            logger.exception("%s %s: the streaming response failed mid-stream", self.request.method, self.request.uri)
+            _logger.exception("%s %s: the streaming response failed mid-stream", self.request.method, self.request.uri)
             self.request.connection.close()
         finally:
             await self.bridge.close_response(response)
@@ -466,7 +463,7 @@ class DjangoHandler(tornado.web.RequestHandler):
 
     def _expire(self, timeout: float) -> None:
         """End a deferred request whose view did not answer in time with 504."""
-        logger.warning("%s %s: the view did not answer within %s s", self.request.method, self.request.uri, timeout)
+        _logger.warning("%s %s: the view did not answer within %s s", self.request.method, self.request.uri, timeout)
         self._expiry = None
         self._abandon()
         self._fail(504)
@@ -487,25 +484,47 @@ class DjangoHandler(tornado.web.RequestHandler):
             try:
                 callback(*args, *more_args, **kwargs, **more_kwargs)
             except Exception:
-                logger.exception("Error in callback for %s %s", self.request.method, self.request.uri)
+                _logger.exception("Error in callback for %s %s", self.request.method, self.request.uri)
                 self._fail(500)
 
         @functools.wraps(callback)
         def call_on_loop(*more_args: Any, **more_kwargs: Any) -> None:
-            if threading.get_ident() == self._loop_thread:
+            if self._on_loop_thread():
                 run(*more_args, **more_kwargs)
             else:
                 self.loop.add_callback(run, *more_args, **more_kwargs)
 
         return call_on_loop
 
+    def _on_loop_thread(self) -> bool:
+        return threading.get_ident() == self._loop_thread
+
+    def _call_on_loop_and_wait(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call ``function`` on the IOLoop and wait for its result (from a pool thread)."""
+        if self._on_loop_thread():
+            return function(*args, **kwargs)
+        result: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                result.set_result(function(*args, **kwargs))
+            except BaseException as error:  # noqa: BLE001 (re-raised in the waiting thread)
+                result.set_exception(error)
+
+        self.loop.add_callback(run)
+        return result.result()
+
     def add_disconnect_callback(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on the IOLoop if the request ends without the view's answer.
 
         That is: the client went away, the view's timeout struck, or the server
-        is shutting down. Use it to drop a waiter at once.
+        is shutting down. Use it to drop a waiter at once. If that has already
+        happened (the client left while middleware ran), ``callback`` runs soon.
         """
-        self._disconnect_callbacks.append(callback)
+        if self._abandoned:
+            self.loop.add_callback(callback)
+        else:
+            self._disconnect_callbacks.append(callback)
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
@@ -519,15 +538,16 @@ class DjangoHandler(tornado.web.RequestHandler):
         self._body.close()
 
     def _abandon(self) -> None:
-        """Run the disconnect callbacks, once."""
+        """Run the disconnect callbacks, once, unless the view has answered."""
         callbacks, self._disconnect_callbacks = self._disconnect_callbacks, []
         if self._done:
             return
+        self._abandoned = True
         for callback in callbacks:
             try:
                 callback()
             except Exception:
-                logger.exception("Error in disconnect callback for %s %s", self.request.method, self.request.uri)
+                _logger.exception("Error in disconnect callback for %s %s", self.request.method, self.request.uri)
 
     def _mark_done(self) -> None:
         self._done = True
@@ -621,7 +641,7 @@ def asynchronous(view: Callable[..., Any] | None = None, *, timeout: float | Non
         @functools.wraps(view)
         def deferring_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             handler = _handler_of(request, view)
-            response = _call_on_loop(handler, view, request, handler, *args, **kwargs)
+            response = handler._call_on_loop_and_wait(view, request, handler, *args, **kwargs)
             return _DeferredResponse(timeout) if response is None else response
 
     deferring_view.tornado_asynchronous = True
@@ -630,28 +650,12 @@ def asynchronous(view: Callable[..., Any] | None = None, *, timeout: float | Non
 
 def _handler_of(request: HttpRequest, view: Callable[..., Any]) -> DjangoHandler:
     try:
-        return request.META[HANDLER_ENVIRON_KEY]
+        return request.META[_HANDLER_ENVIRON_KEY]
     except KeyError:
         raise RuntimeError(
             f"The view {view.__module__}.{view.__qualname__} is @asynchronous and needs the Tornado "
             "handler: serve it with django_tornado (make_app, serve or runtornado)."
         ) from None
-
-
-def _call_on_loop(handler: DjangoHandler, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call ``function`` on the handler's IOLoop and wait for its result (called from a pool thread)."""
-    if threading.get_ident() == handler._loop_thread:
-        return function(*args, **kwargs)
-    result: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-    def run() -> None:
-        try:
-            result.set_result(function(*args, **kwargs))
-        except BaseException as error:  # noqa: BLE001 (re-raised in the waiting thread)
-            result.set_exception(error)
-
-    handler.loop.add_callback(run)
-    return result.result()
 
 
 # -- Wiring: the Tornado application -------------------------------------------
@@ -665,14 +669,14 @@ def make_app(
 ) -> tornado.web.Application:
     """Return a Tornado Application: ``handlers`` first, then Django for every other path.
 
-    ``threads`` sizes the pool plain views run in (default ``DEFAULT_THREADS``);
+    ``threads`` sizes the pool plain views run in (default: ``min(32, CPUs + 4)``);
     0 runs them on the IOLoop thread, as the original django_tornado did.
     ``tornado_settings`` go to ``tornado.web.Application`` unchanged. The pool is
     ``app.django_executor`` (None with ``threads=0``). Django must be configured
     (``DJANGO_SETTINGS_MODULE`` or ``settings.configure()``).
     """
     if threads is None:
-        threads = DEFAULT_THREADS
+        threads = _DEFAULT_THREADS
     if threads < 0:
         raise ValueError(f"threads must be 0 or more, not {threads!r}")
     if not apps.ready:

@@ -6,6 +6,7 @@ module's urlconf.
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import http.client
 import json
@@ -63,7 +64,7 @@ from django.http import (
     StreamingHttpResponse,
 )
 from django.middleware.csrf import get_token
-from django.urls import path
+from django.urls import path, reverse
 from django.views.decorators.csrf import csrf_exempt
 
 import django_tornado
@@ -77,7 +78,7 @@ def route(pattern):
     """Add the decorated view to this module's urlconf at ``pattern``."""
 
     def register(view):
-        urlpatterns.append(path(pattern, view))
+        urlpatterns.append(path(pattern, view, name=view.__name__))
         return view
 
     return register
@@ -268,6 +269,17 @@ def test_headers_spelled_with_underscores_are_dropped(server):
         answer = b"".join(iter(lambda: client.recv(65536), b""))
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["custom"] is None
     assert get(server, "/echo", headers={"X-Custom": "kept"}).json()["custom"] == "kept"
+
+
+@route("where")
+def where(request):
+    return JsonResponse({"path": request.path, "url": reverse("where")})
+
+
+def test_force_script_name_prefixes_paths_and_urls(server):
+    with override_settings(FORCE_SCRIPT_NAME="/mounted"):
+        assert get(server, "/where").json() == {"path": "/mounted/where", "url": "/mounted/where"}
+    assert get(server, "/where").json() == {"path": "/where", "url": "/where"}
 
 
 @route("cookies")
@@ -672,6 +684,38 @@ def test_a_client_leaving_drops_its_waiter(server):
     with contextlib.closing(raw_request(server, b"GET /wait HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")):
         assert waiter_parked.wait(TIMEOUT)
         assert len(waiters) == 1
+    wait_for(lambda: not waiters)
+
+
+def after_the_client_left(view):
+    """Hold the request in middleware-land (a pool thread) until its client has gone."""
+
+    @functools.wraps(view)
+    def held(request, *args, **kwargs):
+        stream = request.META["tornado.handler"].request.connection.stream
+        deadline = time.monotonic() + TIMEOUT
+        while not stream.closed() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return view(request, *args, **kwargs)
+
+    return held
+
+
+@route("wait-late")
+@after_the_client_left
+@asynchronous
+def wait_late(request, handler):
+    callback = handler.async_callback(lambda: handler.finish("never sent"))
+    waiters.append(callback)
+    handler.add_disconnect_callback(lambda: waiters.remove(callback))
+    waiter_parked.set()
+
+
+def test_a_waiter_registered_after_its_client_left_is_dropped_too(server):
+    waiter_parked.clear()
+    with contextlib.closing(raw_request(server, b"GET /wait-late HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")):
+        pass
+    assert waiter_parked.wait(TIMEOUT)
     wait_for(lambda: not waiters)
 
 
