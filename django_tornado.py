@@ -44,26 +44,35 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import datetime
+import errno
 import functools
+import inspect
 import io
 import logging
 import os
+import signal
+import socket
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, TextIO
 
 import django
+import tornado.autoreload
 import tornado.concurrent
 import tornado.escape
+import tornado.httpserver
 import tornado.httputil
 import tornado.ioloop
 import tornado.iostream
+import tornado.netutil
 import tornado.web
 from asgiref.sync import ThreadSensitiveContext, iscoroutinefunction, sync_to_async
 from django.apps import apps
-from django.conf import settings
+from django.conf import ENVIRONMENT_VARIABLE, settings
 from django.core import signals
 from django.core.handlers.base import BaseHandler
 from django.core.handlers.wsgi import (
@@ -72,12 +81,15 @@ from django.core.handlers.wsgi import (
     get_path_info,
     get_script_name,
 )
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connections
 from django.http import FileResponse, HttpRequest, HttpResponse, HttpResponseBase
 from django.urls import Resolver404, get_resolver, set_script_prefix
 from django.utils.cache import add_never_cache_headers
+from django.utils.module_loading import import_string
 
 __version__ = "0.1.0"
-__all__ = ["DjangoHandler", "asynchronous", "make_app"]
+__all__ = ["Command", "DjangoHandler", "asynchronous", "main", "make_app", "serve"]
 
 _logger = logging.getLogger(__name__)
 
@@ -205,7 +217,10 @@ class _DjangoBridge:
         self.reserved_executor = (
             concurrent.futures.ThreadPoolExecutor(min(threads, _RESERVED_THREADS), "django-asynchronous") if threads else None
         )
-        self.deferred_handlers: set[DjangoHandler] = set()  # requests answered later, for shutdown and monitoring
+        self.active_handlers: set[DjangoHandler] = set()  # requests in progress, for a graceful shutdown
+        self.deferred_handlers: set[DjangoHandler] = set()  # those parked until the view answers
+        self.stopping = False
+        self._idle: asyncio.Future[None] | None = None
         self._async_handler: BaseHandler | None = None
         self._resolver = None
         self._routes: dict[str, str] = {}
@@ -282,11 +297,35 @@ class _DjangoBridge:
             return sync_to_async(response.close)()
         return self.run_blocking(self.executor, response.close)
 
-    def shutdown(self) -> None:
-        """Stop the pools once the requests in them are done."""
+    def handler_finished(self, handler: DjangoHandler) -> None:
+        """Note that ``handler``'s response has been written out."""
+        self.active_handlers.discard(handler)
+        if not self.active_handlers and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    async def drain(self, grace_period: float) -> bool:
+        """Answer parked requests now, then wait up to ``grace_period`` s for the rest.
+
+        Return True if every request finished in time.
+        """
+        self.stopping = True
+        for handler in list(self.deferred_handlers):
+            handler.answer_for_shutdown()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_period
+        while self.active_handlers:
+            self._idle = loop.create_future()
+            try:
+                await asyncio.wait_for(self._idle, max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                return False
+        return True
+
+    def shutdown(self, *, wait: bool = True) -> None:
+        """Stop the pools; with ``wait``, once the requests in them are done."""
         for executor in (self.executor, self.reserved_executor):
             if executor is not None:
-                executor.shutdown(wait=True)
+                executor.shutdown(wait=wait, cancel_futures=not wait)
 
 
 def _ignore_start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
@@ -328,6 +367,9 @@ class DjangoHandler(tornado.web.RequestHandler):
             spooled.write(self._body.getvalue())
             self._body = spooled
         self._body.write(chunk)
+
+    def prepare(self) -> None:
+        self.bridge.active_handlers.add(self)
 
     def check_xsrf_cookie(self) -> None:
         """Leave CSRF to Django's CsrfViewMiddleware, even if the app sets ``xsrf_cookies``."""
@@ -452,6 +494,9 @@ class DjangoHandler(tornado.web.RequestHandler):
             operation()
         if self._done:
             return
+        if self.bridge.stopping:
+            self.answer_for_shutdown()
+            return
         self._answered = self.loop.asyncio_loop.create_future()
         self.bridge.deferred_handlers.add(self)
         if placeholder.timeout is not None:
@@ -537,6 +582,12 @@ class DjangoHandler(tornado.web.RequestHandler):
         self._mark_done()
         self._body.close()
 
+    def answer_for_shutdown(self) -> None:
+        """Answer a parked request because the server stops: 503 and Retry-After, unless
+        a disconnect callback answers it first (a long-poll may prefer an empty answer)."""
+        self._abandon()
+        self._fail(503)
+
     def _abandon(self) -> None:
         """Run the disconnect callbacks, once, unless the view has answered."""
         callbacks, self._disconnect_callbacks = self._disconnect_callbacks, []
@@ -559,14 +610,19 @@ class DjangoHandler(tornado.web.RequestHandler):
             self._answered.set_result(None)
 
     def _fail(self, status_code: int) -> None:
-        """End the request with an error page, or cut it off if the answer had started."""
+        """End the request with a short error, or cut it off if the answer had started."""
         if self._done:
             return
         if self._headers_sent:
             self.request.connection.close()
             self._mark_done()
-        else:
-            self.send_error(status_code)
+            return
+        self.clear()
+        self.set_status(status_code)
+        if status_code == 503:
+            self.set_header("Retry-After", "1")  # the server is stopping: try again (another worker, or after the restart)
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(f"{status_code} {tornado.httputil.responses[status_code]}\n")
 
     # While Django's middleware still holds the placeholder, a late answer waits for its headers.
 
@@ -581,7 +637,15 @@ class DjangoHandler(tornado.web.RequestHandler):
             if self._finish_waiting is None:  # send_error() may ask twice; finish once
                 self._finish_waiting = self._after_django(lambda: self.finish(chunk))
             return self._finish_waiting
-        return super().finish(chunk)
+        written = super().finish(chunk)
+        written.add_done_callback(self._response_written)
+        return written
+
+    def _response_written(self, written: asyncio.Future[None]) -> None:
+        """Count the request as over once its last byte has left (or the client has)."""
+        if not written.cancelled():
+            written.exception()  # a client that left is no error here
+        self.bridge.handler_finished(self)
 
     def set_header(self, name: str, value: Any) -> None:
         if self._in_django:
@@ -686,3 +750,369 @@ def make_app(
     app.django_bridge = bridge
     app.django_executor = bridge.executor
     return app
+
+
+# -- Serving: addresses, worker processes, reload, graceful shutdown ------------
+
+
+def serve(
+    addresses: Iterable[str | int] = ("8000",),
+    *,
+    handlers: Iterable[Any] = (),
+    threads: int | None = None,
+    processes: int = 1,
+    reload: bool = False,
+    xheaders: bool = False,
+    no_keep_alive: bool = False,
+    max_body_size: int = 100 * 1024 * 1024,  # Tornado's default; larger bodies get 400
+    idle_timeout: float = 75.0,  # above nginx's 60 s upstream keep-alive, so nginx closes first
+    body_timeout: float | None = 300.0,  # a whole request body, however slowly it trickles
+    grace_period: float = 30.0,  # gunicorn's default graceful timeout
+    startup: Iterable[Callable[[], Any] | str] = (),
+    stdout: TextIO | None = None,
+    **tornado_settings: Any,
+) -> None:
+    """Serve this Django project on every address in ``addresses`` until SIGINT or SIGTERM.
+
+    ``addresses`` are ports or ``address:port`` strings: ``8000``, ``"8001"``,
+    ``"0.0.0.0:8000"``, ``"[::1]:8000"``; the default address is 127.0.0.1, as
+    with runserver. All of them are served by one process and one IOLoop, so
+    in-memory state is shared by every port. ``processes=N`` forks N workers
+    that share the listening sockets (0: one per CPU); the parent restarts a
+    worker that dies, and in-memory state is then per process. ``reload=True``
+    restarts the process when a source file changes (one process only).
+
+    ``handlers``, ``threads`` and ``tornado_settings`` go to ``make_app``;
+    ``xheaders``, ``no_keep_alive``, ``max_body_size``, ``idle_timeout`` (an idle
+    keep-alive connection, or one whose headers have not arrived) and
+    ``body_timeout`` to Tornado's HTTPServer. ``startup`` callables (or dotted
+    paths), then those in ``settings.TORNADO_STARTUP``, run in each worker once
+    its IOLoop is up; a coroutine is awaited. The banner goes to ``stdout``
+    (default ``sys.stdout``).
+
+    On SIGINT or SIGTERM the server stops accepting, answers parked
+    ``@asynchronous`` requests at once (503 with Retry-After, unless a disconnect
+    callback answers them), lets the requests in flight finish for up to
+    ``grace_period`` seconds, then returns. A second signal cuts them off.
+    Raises ValueError for a bad argument and OSError (with a plain message) for
+    an address it cannot listen on.
+    """
+    parsed = [_parse_address(address) for address in addresses]
+    if not parsed:
+        raise ValueError("serve() needs at least one address to listen on")
+    if processes < 0:
+        raise ValueError(f"processes must be 0 (one per CPU) or more, not {processes!r}")
+    processes = processes or os.cpu_count() or 1
+    if reload and processes != 1:
+        raise ValueError("reload restarts a single process; it cannot be combined with processes > 1")
+    if threads is not None and threads < 0:
+        raise ValueError(f"threads must be 0 or more, not {threads!r}")
+    if not apps.ready:
+        django.setup(set_prefix=False)
+    startup = [*startup, *getattr(settings, "TORNADO_STARTUP", ())]
+    startup_callbacks = [import_string(entry) if isinstance(entry, str) else entry for entry in startup]
+    sockets = _bind(parsed)
+    _print_banner(stdout or sys.stdout, sockets, threads, processes, reload)
+    server_options = {
+        "xheaders": xheaders,
+        "no_keep_alive": no_keep_alive,
+        "max_body_size": max_body_size,
+        "idle_connection_timeout": idle_timeout,
+        "body_timeout": body_timeout,
+    }
+
+    def run_worker(supervised: bool) -> bool:
+        app = make_app(handlers, threads=threads, log_function=_log_request, **tornado_settings)
+        return asyncio.run(
+            _serve_until_signalled(
+                sockets, app, server_options, startup_callbacks, grace_period, reload, supervised, stdout or sys.stdout
+            )
+        )
+
+    if processes == 1:
+        drained = run_worker(supervised=False)
+    else:
+        connections.close_all()  # a database connection must not be shared by forked workers
+        drained = _supervise(processes, run_worker)
+    if not drained:
+        # Pool threads still running a view would keep the interpreter from exiting.
+        logging.shutdown()
+        os._exit(0)
+
+
+def _parse_address(address: str | int) -> tuple[str, int]:
+    """Return ``(host, port)`` for ``8000``, ``"8000"``, ``"0.0.0.0:8000"`` or ``"[::1]:8000"``."""
+    text = str(address).strip()
+    host, port = _DEFAULT_HOST, text
+    if text.startswith("["):
+        host, separator, port = text[1:].partition("]:")
+        if not separator:
+            host = ""
+    elif ":" in text:
+        host, _, port = text.rpartition(":")
+    if not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f'"{text}" is not a port or address:port (like 8000, 0.0.0.0:8000 or [::1]:8000)')
+    return host, int(port)
+
+
+def _bind(addresses: list[tuple[str, int]]) -> list[socket.socket]:
+    """Open a listening socket for each address, or raise OSError saying plainly why not."""
+    sockets: list[socket.socket] = []
+    for host, port in addresses:
+        try:
+            sockets.extend(tornado.netutil.bind_sockets(port, host))
+        except OSError as error:
+            for opened in sockets:
+                opened.close()
+            reason = _BIND_ERRORS.get(error.errno, error.strerror or str(error))
+            plain_error = OSError(f"Can't listen on {_url(host, port)}: {reason}")
+            plain_error.errno = error.errno
+            raise plain_error from None
+    return sockets
+
+
+_DEFAULT_HOST = "127.0.0.1"  # like runserver: reachable from this machine only
+_BIND_ERRORS = {  # as runserver words them
+    errno.EACCES: "you don't have permission to use that port",
+    errno.EADDRINUSE: "that port is already in use",
+    errno.EADDRNOTAVAIL: "that IP address is not one of this machine's",
+}
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def _print_banner(stdout: TextIO, sockets: list[socket.socket], threads: int | None, processes: int, reload: bool) -> None:
+    """Say what runs where, as runserver does."""
+    urls = dict.fromkeys(_url(*sock.getsockname()[:2]) for sock in sockets)
+    pool = f"{_DEFAULT_THREADS if threads is None else threads} threads for plain views"
+    workers = f"{processes} worker processes (in-memory state is per process)" if processes > 1 else "1 process"
+    stdout.write(
+        f"{datetime.datetime.now().strftime('%B %d, %Y - %X')}\n"
+        f"Django version {django.get_version()}, using settings {settings.SETTINGS_MODULE or 'configured in code'!r}\n"
+        f"Starting django_tornado {__version__} (Tornado {tornado.version}) at {', '.join(urls)}\n"
+        f"{workers}, {pool}{', reloading on code changes' if reload else ''}\n"
+        "Quit the server with CONTROL-C.\n"
+    )
+    stdout.flush()
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    """Log one line per request on the ``django.server`` logger, which Django's default logging shows."""
+    status = handler.get_status()
+    request = handler.request
+    level = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
+    _server_logger.log(
+        level,
+        '"%s %s %s" %d %.1fms %s',
+        request.method,
+        request.uri,
+        request.version,
+        status,
+        1000 * request.request_time(),
+        request.remote_ip,
+        extra={"status_code": status},
+    )
+
+
+_server_logger = logging.getLogger("django.server")
+
+
+async def _serve_until_signalled(
+    sockets: list[socket.socket],
+    app: tornado.web.Application,
+    server_options: dict[str, Any],
+    startup_callbacks: list[Callable[[], Any]],
+    grace_period: float,
+    reload: bool,
+    supervised: bool,
+    stdout: TextIO,
+) -> bool:
+    """Serve until SIGTERM (or SIGINT), then shut down gracefully; True if nothing was cut off."""
+    server = tornado.httpserver.HTTPServer(app, **server_options)
+    server.add_sockets(sockets)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signal_number: int) -> None:
+        if stop.is_set():
+            _logger.warning("Second %s: stopping now", signal.Signals(signal_number).name)
+            logging.shutdown()
+            os._exit(1)
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_signal, signal.SIGTERM)
+    if supervised:
+        # Ctrl-C reaches every process of the terminal's group; the parent turns it
+        # into one SIGTERM per worker, so a worker must not count it twice.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    else:
+        loop.add_signal_handler(signal.SIGINT, on_signal, signal.SIGINT)
+    if reload:
+        tornado.autoreload.start()
+    for callback in startup_callbacks:
+        result = callback()
+        if inspect.isawaitable(result):
+            await result
+    await stop.wait()
+
+    bridge = app.django_bridge
+    stdout.write(
+        f"Stopping (pid {os.getpid()}): {len(bridge.active_handlers)} requests in flight get up to {grace_period} s; "
+        "signal again to stop at once.\n"
+    )
+    stdout.flush()
+    server.stop()
+    # Requests read from now on get "Connection: close"; HTTP1ConnectionParameters
+    # is shared by every connection of this server (Tornado 6.3-6.5).
+    server.conn_params.no_keep_alive = True
+    drained = await bridge.drain(grace_period)
+    if not drained:
+        _logger.warning("%d requests still running after %s s were cut off", len(bridge.active_handlers), grace_period)
+    await server.close_all_connections()
+    bridge.shutdown(wait=drained)
+    return drained
+
+
+def _supervise(processes: int, run_worker: Callable[[bool], bool]) -> bool:
+    """Fork ``processes`` workers, replace any that dies, and stop them all on SIGINT or SIGTERM.
+
+    Returns True if every worker shut down cleanly.
+    """
+    workers: dict[int, tuple[int, float]] = {}  # pid -> (worker number, start time)
+    stopping = 0
+
+    def start(number: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            exit_code = 1
+            try:
+                exit_code = 0 if run_worker(True) else 1
+            except BaseException:
+                _logger.exception("Worker %d failed", number)
+            finally:
+                logging.shutdown()
+                os._exit(exit_code)
+        workers[pid] = (number, time.monotonic())
+
+    def on_signal(signal_number: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping += 1
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM if stopping == 1 else signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for number in range(processes):
+        start(number)
+    clean = True
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        number, started = workers.pop(pid)
+        exit_code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            clean = clean and exit_code == 0
+            continue
+        _logger.warning("Worker %d (pid %d) exited with code %d; starting a new one", number, pid, exit_code)
+        if time.monotonic() - started < 1:
+            time.sleep(1)  # a worker that dies as it starts must not make the parent spin
+        start(number)
+    return clean
+
+
+# -- The runtornado command and python -m django_tornado -----------------------
+
+
+class Command(BaseCommand):
+    """``manage.py runtornado``: serve the project on Tornado, shaped like runserver."""
+
+    help = "Serve this Django project on Tornado: one process (or --processes N) on one or more ports."
+    requires_system_checks = ()  # run in handle(), after the arguments are checked, as runserver does
+    default_addresses = ("8000",)
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("addrport", nargs="*", help="Ports or address:port pairs to listen on (default: 127.0.0.1:8000).")
+        parser.add_argument("--reload", action="store_true", help="Restart when a source file changes.")
+        parser.add_argument("--processes", type=int, default=1, help="Worker processes sharing the ports; 0 means one per CPU (default: 1).")
+        parser.add_argument("--threads", type=int, default=None, help="Threads for plain views per process; 0 runs them on the IOLoop (default: CPUs + 4, at most 32).")
+        parser.add_argument("--xheaders", action="store_true", help="Trust X-Real-IP, X-Forwarded-For and X-Forwarded-Proto (behind a proxy only).")
+        parser.add_argument("--nokeepalive", action="store_true", help="Close each connection after one request.")
+        parser.add_argument("--grace-period", type=float, default=30.0, help="Seconds in-flight requests get to finish on SIGTERM (default: 30).")
+        parser.add_argument("--skip-checks", action="store_true", help="Skip system checks.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if not settings.configured and not os.environ.get(ENVIRONMENT_VARIABLE):
+            raise CommandError(f"Django settings are not configured: pass --settings=yourproject.settings or set {ENVIRONMENT_VARIABLE}.")
+        addresses = options["addrport"] or self.default_addresses
+        for address in addresses:
+            try:
+                _parse_address(address)
+            except ValueError as error:
+                raise CommandError(error) from None
+        if not apps.ready:
+            try:
+                django.setup(set_prefix=False)
+            except ModuleNotFoundError as error:
+                if error.name != os.environ.get(ENVIRONMENT_VARIABLE):
+                    raise
+                raise CommandError(f"Can't find the settings module {error.name!r}: check --settings or {ENVIRONMENT_VARIABLE}.") from None
+        if not options["skip_checks"]:
+            self.stdout.write("Performing system checks...\n\n")
+            self.check(display_num_errors=True)
+        self.check_migrations()
+        try:
+            serve(
+                addresses,
+                threads=options["threads"],
+                processes=options["processes"],
+                reload=options["reload"],
+                xheaders=options["xheaders"],
+                no_keep_alive=options["nokeepalive"],
+                grace_period=options["grace_period"],
+                stdout=self.stdout,
+            )
+        except (ValueError, OSError) as error:
+            raise CommandError(error) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m django_tornado [options] [addrport ...]``; settings from --settings or DJANGO_SETTINGS_MODULE."""
+    Command().run_from_argv(["python -m django_tornado", "runtornado", *(sys.argv[1:] if argv is None else argv)])
+    return 0
+
+
+def _register_command_with_django() -> None:
+    """Let Django find ``runtornado`` when "django_tornado" is in INSTALLED_APPS.
+
+    Django (4.2 to 5.2) lists an app's commands from the files in
+    ``<app path>/management/commands``, which a single-file module has none of,
+    then imports ``<app>.management.commands.<name>``. The module answers both:
+    a finder for that one (absent) folder lists ``runtornado``, and the module
+    itself stands in for the command module.
+    """
+    commands_folder = os.path.join(os.path.dirname(__file__), "management", "commands")  # as AppConfig.path has it
+    sys.path_importer_cache[commands_folder] = _CommandFinder()
+    sys.modules[f"{__name__}.management.commands.runtornado"] = sys.modules[__name__]
+
+
+class _CommandFinder:
+    """Path-entry finder that lists this module's one management command (for pkgutil.iter_modules)."""
+
+    def iter_modules(self, prefix: str = "") -> Iterable[tuple[str, bool]]:
+        yield prefix + "runtornado", False
+
+    def find_spec(self, fullname: str, target: Any = None) -> None:
+        return None
+
+
+_register_command_with_django()
+
+if __name__ == "__main__":
+    # Run the copy Django and your views import, so both see the same classes.
+    from django_tornado import main as _main
+
+    sys.exit(_main())

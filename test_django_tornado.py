@@ -11,7 +11,11 @@ import hashlib
 import http.client
 import json
 import os
+import queue
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -849,4 +853,292 @@ def test_threads_must_not_be_negative():
 
 
 def test_module_exports_a_small_api():
-    assert django_tornado.__all__ == ["DjangoHandler", "asynchronous", "make_app"]
+    assert django_tornado.__all__ == ["Command", "DjangoHandler", "asynchronous", "main", "make_app", "serve"]
+
+
+# -- serve(), worker processes, --reload, shutdown, runtornado: real processes ------
+# A small project on disk, run with manage.py or python -m django_tornado.
+
+PROJECT_FILES = {
+    "manage.py": """
+import os, sys
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project_settings")
+from django.core.management import execute_from_command_line
+execute_from_command_line(sys.argv)
+""",
+    "project_settings.py": """
+SECRET_KEY = "django-tornado-process-tests"
+ALLOWED_HOSTS = ["127.0.0.1", "localhost", "[::1]"]
+ROOT_URLCONF = "project_urls"
+INSTALLED_APPS = ["django_tornado"]
+MIDDLEWARE = []
+TORNADO_STARTUP = ["project_urls.on_startup"]
+""",
+    "explicit_settings.py": """
+from project_settings import *
+INSTALLED_APPS = ["registered_app"]
+""",
+    "registered_app/__init__.py": "",
+    "registered_app/management/__init__.py": "",
+    "registered_app/management/commands/__init__.py": "",
+    "registered_app/management/commands/runtornado.py": "from django_tornado import Command  # noqa: F401\n",
+    "project_urls.py": """
+import os, time
+from django.http import JsonResponse
+from django.urls import path
+from django.views.decorators.csrf import csrf_exempt
+from django_tornado import asynchronous
+
+counter = {"value": 0}
+started = []
+
+def on_startup():
+    started.append(os.getpid())
+
+@csrf_exempt
+def state(request):
+    if request.method == "POST":
+        counter["value"] += 1
+    return JsonResponse({"value": counter["value"], "pid": os.getpid(), "started": started})
+
+def slow(request):
+    print("slow view started", flush=True)
+    time.sleep(float(request.GET.get("seconds", "1")))
+    return JsonResponse({"slept": True})
+
+@asynchronous
+def park(request, handler):
+    print("long-poll parked", flush=True)  # and never answered by the view
+
+urlpatterns = [path("state", state), path("slow", slow), path("park", park)]
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    for name, text in PROJECT_FILES.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text.lstrip())
+    return root
+
+
+class ServerProcess:
+    """A server started as a user would, whose output is read line by line."""
+
+    def __init__(self, project, *args, settings_module="project_settings"):
+        environment = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(project), os.path.dirname(os.path.abspath(django_tornado.__file__))]),
+            "DJANGO_SETTINGS_MODULE": settings_module,
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=project,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.output = []
+        self._lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_for_line(self, text, timeout=TIMEOUT, required=True):
+        """Return the next output line containing ``text`` (None if not required and none came)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                if not required:
+                    return None
+                pytest.fail(f"no line with {text!r} in {timeout} s; the output so far:\n" + "".join(self.output))
+            assert line is not None, "the server exited:\n" + "".join(self.output)
+            self.output.append(line)
+            if text in line:
+                return line
+
+    def wait_for_banner(self):
+        """Wait until the server listens; return its URLs."""
+        urls = self.wait_for_line("Starting django_tornado").split(" at ", 1)[1].strip().split(", ")
+        self.wait_for_line("Quit the server with CONTROL-C.")
+        return urls
+
+    def stop(self, signal_number=signal.SIGTERM, timeout=TIMEOUT):
+        """Signal the server and return its exit code once it has exited."""
+        self.process.send_signal(signal_number)
+        code = self.process.wait(timeout)
+        while (line := self._lines.get(timeout=TIMEOUT)) is not None:
+            self.output.append(line)
+        return code
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(TIMEOUT)
+
+
+@contextlib.contextmanager
+def running(project, *args, **kwargs):
+    server = ServerProcess(project, *args, **kwargs)
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def runtornado(*args):
+    return ("manage.py", "runtornado", "--skip-checks", *args)
+
+
+def test_two_ports_of_one_call_share_one_process_and_its_state(project):
+    with running(project, *runtornado("127.0.0.1:0", "[::1]:0")) as server:
+        first, second = server.wait_for_banner()
+        assert second.startswith("http://[::1]:")
+        requests.post(first + "state", timeout=TIMEOUT)
+        seen = requests.get(second + "state", timeout=TIMEOUT).json()
+        assert seen["value"] == 1  # one room, one counter
+        assert seen["started"] == [seen["pid"]] == [server.process.pid]  # TORNADO_STARTUP ran once
+        assert server.wait_for_line('"POST /state HTTP/1.1" 200')  # the access log
+        assert server.stop() == 0
+
+
+def test_worker_processes_share_the_port_and_a_dead_worker_is_replaced(project):
+    with running(project, *runtornado("--processes", "2", "127.0.0.1:0")) as server:
+        (url,) = server.wait_for_banner()
+
+        def worker_pids(count, excluding=()):
+            pids = set()
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline:  # each new connection lands on either worker
+                pid = requests.get(url + "state", timeout=TIMEOUT).json()["pid"]
+                if pid not in excluding:
+                    pids.add(pid)
+                if len(pids) == count:
+                    return pids
+            pytest.fail(f"saw only workers {pids}")
+
+        first, second = worker_pids(2)
+        assert server.process.pid not in (first, second)
+        os.kill(first, signal.SIGKILL)
+        server.wait_for_line(f"(pid {first}) exited with code -9; starting a new one")
+        (replacement,) = worker_pids(1, excluding={first, second})
+        assert replacement != first
+        assert server.stop() == 0
+
+
+def test_reload_restarts_the_server_when_a_source_file_changes(project):
+    with running(project, *runtornado("--reload", "127.0.0.1:0")) as server:
+        server.wait_for_banner()
+        # The watcher takes its first look half a second after starting: change the
+        # file until it notices.
+        for attempt in range(1, TIMEOUT + 1):
+            changed = time.time() + attempt
+            os.utime(project / "project_urls.py", (changed, changed))
+            restarted = server.wait_for_line("Starting django_tornado", timeout=1, required=False)
+            if restarted:
+                break
+        else:
+            pytest.fail("the server did not restart:\n" + "".join(server.output))
+        url = restarted.split(" at ", 1)[1].strip()
+        server.wait_for_line("Quit the server with CONTROL-C.")
+        assert requests.get(url + "state", timeout=TIMEOUT).json()["pid"] == server.process.pid
+        assert server.stop() == 0
+
+
+def test_sigterm_lets_a_slow_view_finish_and_answers_a_long_poll(project):
+    with running(project, *runtornado("--grace-period", "5", "127.0.0.1:0")) as server:
+        (url,) = server.wait_for_banner()
+        answers = {}
+        clients = [
+            threading.Thread(target=lambda: answers.update(slow=requests.get(url + "slow?seconds=1.5", timeout=TIMEOUT))),
+            threading.Thread(target=lambda: answers.update(park=requests.get(url + "park", timeout=TIMEOUT))),
+        ]
+        for client in clients:
+            client.start()
+        server.wait_for_line("slow view started")
+        server.wait_for_line("long-poll parked")
+        started = time.monotonic()
+        assert server.stop(signal.SIGTERM) == 0
+        assert time.monotonic() - started < 5
+        for client in clients:
+            client.join(TIMEOUT)
+    assert answers["slow"].json() == {"slept": True}
+    assert answers["park"].status_code == 503
+    assert answers["park"].headers["Retry-After"] == "1"
+    with pytest.raises(requests.exceptions.ConnectionError):  # no longer listening
+        requests.get(url + "state", timeout=TIMEOUT)
+
+
+def get_ignoring_errors(url):
+    with contextlib.suppress(requests.RequestException):
+        requests.get(url, timeout=TIMEOUT)
+
+
+def test_a_second_signal_stops_at_once(project):
+    with running(project, *runtornado("--grace-period", "30", "127.0.0.1:0")) as server:
+        (url,) = server.wait_for_banner()
+        client = threading.Thread(target=get_ignoring_errors, args=(url + "slow?seconds=20",))
+        client.start()
+        server.wait_for_line("slow view started")
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGINT)
+        server.wait_for_line("Stopping (pid")
+        assert server.stop(signal.SIGINT) == 1
+        assert time.monotonic() - started < 5
+        client.join(TIMEOUT)
+
+
+@pytest.fixture
+def busy_port():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        yield listener.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["abc"], 'CommandError: "abc" is not a port or address:port'),
+        (["70000"], 'CommandError: "70000" is not a port or address:port'),
+        (["127.0.0.1:{busy_port}"], "CommandError: Can't listen on http://127.0.0.1:{busy_port}/: that port is already in use"),
+        (["192.0.2.1:8000"], "CommandError: Can't listen on http://192.0.2.1:8000/: that IP address is not one of this machine's"),
+        (["--reload", "--processes", "2", "8000"], "CommandError: reload restarts a single process"),
+        (["--threads", "-1", "8000"], "CommandError: threads must be 0 or more, not -1"),
+    ],
+)
+def test_bad_arguments_exit_non_zero_with_one_clear_line(project, busy_port, arguments, message):
+    arguments = [argument.format(busy_port=busy_port) for argument in arguments]
+    with running(project, *runtornado(*arguments)) as server:
+        code = server.process.wait(TIMEOUT)
+        server.stop()
+    output = [line for line in server.output if line.strip()]
+    assert code != 0
+    assert len(output) == 1, output
+    assert output[0].startswith(message.format(busy_port=busy_port))
+
+
+@pytest.mark.parametrize("settings_module", ["project_settings", "explicit_settings"])
+def test_manage_py_help_lists_and_explains_runtornado(project, settings_module):
+    with running(project, "manage.py", "help", settings_module=settings_module) as listing:
+        assert listing.process.wait(TIMEOUT) == 0
+        listing.stop()
+    assert "    runtornado\n" in listing.output
+    with running(project, "manage.py", "help", "runtornado", settings_module=settings_module) as helping:
+        assert helping.process.wait(TIMEOUT) == 0
+        helping.stop()
+    assert "usage: manage.py runtornado [-h] [--reload] [--processes PROCESSES]" in "".join(helping.output)
+
+
+def test_python_m_django_tornado_serves_a_project_named_by_settings(project):
+    with running(project, "-m", "django_tornado", "--settings=project_settings", "--skip-checks", "127.0.0.1:0", settings_module="") as server:
+        (url,) = server.wait_for_banner()
+        assert requests.get(url + "state", timeout=TIMEOUT).json()["value"] == 0
+        assert server.stop(signal.SIGINT) == 0
