@@ -81,7 +81,12 @@ from django.core.handlers.wsgi import (
     get_path_info,
     get_script_name,
 )
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import (
+    BaseCommand,
+    CommandError,
+    CommandParser,
+    handle_default_options,
+)
 from django.db import connections
 from django.http import FileResponse, HttpRequest, HttpResponse, HttpResponseBase
 from django.urls import Resolver404, get_resolver, set_script_prefix
@@ -1045,21 +1050,12 @@ class Command(BaseCommand):
         parser.add_argument("--skip-checks", action="store_true", help="Skip system checks.")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if not settings.configured and not os.environ.get(ENVIRONMENT_VARIABLE):
-            raise CommandError(f"Django settings are not configured: pass --settings=yourproject.settings or set {ENVIRONMENT_VARIABLE}.")
         addresses = options["addrport"] or self.default_addresses
         for address in addresses:
             try:
                 _parse_address(address)
             except ValueError as error:
                 raise CommandError(error) from None
-        if not apps.ready:
-            try:
-                django.setup(set_prefix=False)
-            except ModuleNotFoundError as error:
-                if error.name != os.environ.get(ENVIRONMENT_VARIABLE):
-                    raise
-                raise CommandError(f"Can't find the settings module {error.name!r}: check --settings or {ENVIRONMENT_VARIABLE}.") from None
         if not options["skip_checks"]:
             self.stdout.write("Performing system checks...\n\n")
             self.check(display_num_errors=True)
@@ -1081,7 +1077,26 @@ class Command(BaseCommand):
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``python -m django_tornado [options] [addrport ...]``; settings from --settings or DJANGO_SETTINGS_MODULE."""
-    Command().run_from_argv(["python -m django_tornado", "runtornado", *(sys.argv[1:] if argv is None else argv)])
+    argv = sys.argv[1:] if argv is None else argv
+    command = Command()
+    # As manage.py does: find --settings and --pythonpath first, set Django up, then run the command.
+    parser = CommandParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--settings")
+    parser.add_argument("--pythonpath")
+    handle_default_options(parser.parse_known_args(argv)[0])
+    settings_module = os.environ.get(ENVIRONMENT_VARIABLE)
+    if settings.configured or settings_module:
+        try:
+            django.setup(set_prefix=False)
+        except ModuleNotFoundError as error:
+            if not settings_module or not f"{settings_module}.".startswith(f"{error.name}."):
+                raise
+            command.stderr.write(f"CommandError: can't import the settings module {settings_module!r} (no module named {error.name!r}).")
+            return 1
+    elif not {"-h", "--help"} & set(argv):
+        command.stderr.write(f"CommandError: no Django settings: pass --settings=yourproject.settings or set {ENVIRONMENT_VARIABLE}.")
+        return 1
+    command.run_from_argv(["python -m django_tornado", "runtornado", *argv])
     return 0
 
 

@@ -1142,3 +1142,18 @@ def test_python_m_django_tornado_serves_a_project_named_by_settings(project):
         (url,) = server.wait_for_banner()
         assert requests.get(url + "state", timeout=TIMEOUT).json()["value"] == 0
         assert server.stop(signal.SIGINT) == 0
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["8000"], "CommandError: no Django settings: pass --settings=yourproject.settings or set DJANGO_SETTINGS_MODULE."),
+        (["--settings=nowhere.settings", "8000"], "CommandError: can't import the settings module 'nowhere.settings' (no module named 'nowhere')."),
+    ],
+)
+def test_python_m_django_tornado_without_usable_settings_says_so_in_one_line(project, arguments, message):
+    with running(project, "-m", "django_tornado", *arguments, settings_module="") as server:
+        code = server.process.wait(TIMEOUT)
+        server.stop()
+    assert code == 1
+    assert [line.strip() for line in server.output if line.strip()] == [message]
