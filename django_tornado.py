@@ -759,6 +759,14 @@ def make_app(
 
 # -- Serving: addresses, worker processes, reload, graceful shutdown ------------
 
+_DEFAULT_HOST = "127.0.0.1"  # like runserver: reachable from this machine only
+_BIND_ERRORS = {  # as runserver words them
+    errno.EACCES: "you don't have permission to use that port",
+    errno.EADDRINUSE: "that port is already in use",
+    errno.EADDRNOTAVAIL: "that IP address is not one of this machine's",
+}
+_server_logger = logging.getLogger("django.server")  # runserver's access log, shown by Django's default logging
+
 
 def serve(
     addresses: Iterable[str | int] = ("8000",),
@@ -812,12 +820,13 @@ def serve(
         raise ValueError("reload restarts a single process; it cannot be combined with processes > 1")
     if threads is not None and threads < 0:
         raise ValueError(f"threads must be 0 or more, not {threads!r}")
+    stdout = stdout or sys.stdout
     if not apps.ready:
         django.setup(set_prefix=False)
     startup = [*startup, *getattr(settings, "TORNADO_STARTUP", ())]
     startup_callbacks = [import_string(entry) if isinstance(entry, str) else entry for entry in startup]
     sockets = _bind(parsed)
-    _print_banner(stdout or sys.stdout, sockets, threads, processes, reload)
+    _print_banner(stdout, sockets, threads, processes, reload)
     server_options = {
         "xheaders": xheaders,
         "no_keep_alive": no_keep_alive,
@@ -829,20 +838,20 @@ def serve(
     def run_worker(supervised: bool) -> bool:
         app = make_app(handlers, threads=threads, log_function=_log_request, **tornado_settings)
         return asyncio.run(
-            _serve_until_signalled(
-                sockets, app, server_options, startup_callbacks, grace_period, reload, supervised, stdout or sys.stdout
-            )
+            _serve_until_signalled(sockets, app, server_options, startup_callbacks, grace_period, reload, supervised, stdout)
         )
 
-    if processes == 1:
-        drained = run_worker(supervised=False)
-    else:
+    if processes > 1:
         connections.close_all()  # a database connection must not be shared by forked workers
-        drained = _supervise(processes, run_worker)
-    if not drained:
-        # Pool threads still running a view would keep the interpreter from exiting.
-        logging.shutdown()
-        os._exit(0)
+        _supervise(processes, run_worker)
+    elif not run_worker(supervised=False):
+        _exit_now(0)  # pool threads still running a view would keep the interpreter from exiting
+
+
+def _exit_now(code: int) -> None:
+    """Exit without waiting for pool threads, after writing out the logs."""
+    logging.shutdown()
+    os._exit(code)
 
 
 def _parse_address(address: str | int) -> tuple[str, int]:
@@ -875,13 +884,6 @@ def _bind(addresses: list[tuple[str, int]]) -> list[socket.socket]:
             raise plain_error from None
     return sockets
 
-
-_DEFAULT_HOST = "127.0.0.1"  # like runserver: reachable from this machine only
-_BIND_ERRORS = {  # as runserver words them
-    errno.EACCES: "you don't have permission to use that port",
-    errno.EADDRINUSE: "that port is already in use",
-    errno.EADDRNOTAVAIL: "that IP address is not one of this machine's",
-}
 
 
 def _url(host: str, port: int) -> str:
@@ -921,8 +923,6 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
     )
 
 
-_server_logger = logging.getLogger("django.server")
-
 
 async def _serve_until_signalled(
     sockets: list[socket.socket],
@@ -943,16 +943,13 @@ async def _serve_until_signalled(
     def on_signal(signal_number: int) -> None:
         if stop.is_set():
             _logger.warning("Second %s: stopping now", signal.Signals(signal_number).name)
-            logging.shutdown()
-            os._exit(1)
+            _exit_now(1)
         stop.set()
 
     loop.add_signal_handler(signal.SIGTERM, on_signal, signal.SIGTERM)
-    if supervised:
-        # Ctrl-C reaches every process of the terminal's group; the parent turns it
-        # into one SIGTERM per worker, so a worker must not count it twice.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    else:
+    if not supervised:
+        # A supervised worker ignores SIGINT: Ctrl-C reaches every process of the
+        # terminal's group, and the parent turns it into one SIGTERM per worker.
         loop.add_signal_handler(signal.SIGINT, on_signal, signal.SIGINT)
     if reload:
         tornado.autoreload.start()
@@ -980,25 +977,23 @@ async def _serve_until_signalled(
     return drained
 
 
-def _supervise(processes: int, run_worker: Callable[[bool], bool]) -> bool:
-    """Fork ``processes`` workers, replace any that dies, and stop them all on SIGINT or SIGTERM.
-
-    Returns True if every worker shut down cleanly.
-    """
+def _supervise(processes: int, run_worker: Callable[[bool], bool]) -> None:
+    """Fork ``processes`` workers, replace any that dies, and stop them all on SIGINT or SIGTERM."""
     workers: dict[int, tuple[int, float]] = {}  # pid -> (worker number, start time)
     stopping = 0
 
     def start(number: int) -> None:
         pid = os.fork()
         if pid == 0:
-            exit_code = 1
+            # Not the parent's handlers: until the worker's own are in place, SIGTERM just ends it.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
-                exit_code = 0 if run_worker(True) else 1
+                run_worker(True)
             except BaseException:
                 _logger.exception("Worker %d failed", number)
-            finally:
-                logging.shutdown()
-                os._exit(exit_code)
+                _exit_now(1)
+            _exit_now(0)
         workers[pid] = (number, time.monotonic())
 
     def on_signal(signal_number: int, frame: Any) -> None:
@@ -1011,22 +1006,20 @@ def _supervise(processes: int, run_worker: Callable[[bool], bool]) -> bool:
     signal.signal(signal.SIGINT, on_signal)
     for number in range(processes):
         start(number)
-    clean = True
     while workers:
         try:
             pid, status = os.wait()
         except ChildProcessError:
             break
         number, started = workers.pop(pid)
-        exit_code = os.waitstatus_to_exitcode(status)
         if stopping:
-            clean = clean and exit_code == 0
             continue
+        exit_code = os.waitstatus_to_exitcode(status)
         _logger.warning("Worker %d (pid %d) exited with code %d; starting a new one", number, pid, exit_code)
         if time.monotonic() - started < 1:
             time.sleep(1)  # a worker that dies as it starts must not make the parent spin
-        start(number)
-    return clean
+        if not stopping:
+            start(number)
 
 
 # -- The runtornado command and python -m django_tornado -----------------------
