@@ -354,6 +354,7 @@ class DjangoHandler(tornado.web.RequestHandler):
         self._in_django = False  # Django is still working on this request (middleware, view)
         self._waiting_for_django: list[Callable[[], None]] = []  # flush/finish asked for meanwhile
         self._finish_waiting: asyncio.Future[None] | None = None
+        self._view_deferred = False  # an @asynchronous view returned None: it answers later
         self._headers_set_meanwhile: set[str] = set()
         self._disconnect_callbacks: list[Callable[[], None]] = []
         self._answered: asyncio.Future[None] | None = None
@@ -387,6 +388,10 @@ class DjangoHandler(tornado.web.RequestHandler):
     async def get(self) -> None:
         """Hand the request to Django, then write what it answers."""
         bridge = self.bridge
+        if self.request.connection.stream.closed():
+            # The client left as it sent the request: Tornado (6.3 to 6.5) sets no
+            # close callback then, so say it ourselves (its waiters must not leak).
+            self.on_connection_close()
         environ = _wsgi_environ(self.request, self._body, self)
         kind = bridge.route(environ)
         self._in_django = True
@@ -412,9 +417,12 @@ class DjangoHandler(tornado.web.RequestHandler):
 
     async def _write_response(self, response: HttpResponseBase) -> None:
         """Write Django's response: headers, then the body at once or chunk by chunk."""
-        if self._waiting_for_django:
-            _logger.warning("%s %s: middleware replaced the response the view had started", self.request.method, self.request.uri)
+        if self._view_deferred:
+            # Middleware replaced the view's placeholder (an error in process_response,
+            # say): the view's answer will never go out, so let it drop its waiter.
+            _logger.warning("%s %s: middleware replaced the placeholder of an @asynchronous view", self.request.method, self.request.uri)
             self._waiting_for_django = []
+            self._abandon()
         self.set_status(response.status_code, response.reason_phrase)
         self.clear_header("Content-Type")  # Tornado's default; Django's own headers are complete
         for name, value in _response_headers(response):
@@ -476,6 +484,8 @@ class DjangoHandler(tornado.web.RequestHandler):
     async def _cancel_on_disconnect(self, coroutine: Awaitable[Any]) -> Any:
         """Await ``coroutine`` in a task that the client leaving cancels; None if it did."""
         self._task = asyncio.ensure_future(coroutine)
+        if self._abandoned:
+            self._task.cancel()
         try:
             await asyncio.wait([self._task])
             return None if self._task.cancelled() else self._task.result()
@@ -483,6 +493,11 @@ class DjangoHandler(tornado.web.RequestHandler):
             self._task = None
 
     # Answering later: the @asynchronous contract.
+
+    def _placeholder(self, timeout: float | None) -> _DeferredResponse:
+        """What an ``@asynchronous`` view that returned None hands to Django's middleware."""
+        self._view_deferred = True
+        return _DeferredResponse(timeout)
 
     async def _answer_later(self, placeholder: _DeferredResponse) -> None:
         """Keep the connection open until the view calls ``finish()``, the client leaves or time runs out."""
@@ -703,7 +718,7 @@ def asynchronous(view: Callable[..., Any] | None = None, *, timeout: float | Non
         async def deferring_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             handler = _handler_of(request, view)
             response = await view(request, handler, *args, **kwargs)
-            return _DeferredResponse(timeout) if response is None else response
+            return handler._placeholder(timeout) if response is None else response
 
     else:
 
@@ -711,7 +726,7 @@ def asynchronous(view: Callable[..., Any] | None = None, *, timeout: float | Non
         def deferring_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             handler = _handler_of(request, view)
             response = handler._call_on_loop_and_wait(view, request, handler, *args, **kwargs)
-            return _DeferredResponse(timeout) if response is None else response
+            return handler._placeholder(timeout) if response is None else response
 
     deferring_view.tornado_asynchronous = True
     return deferring_view
@@ -765,6 +780,9 @@ _BIND_ERRORS = {  # as runserver words them
     errno.EADDRINUSE: "that port is already in use",
     errno.EADDRNOTAVAIL: "that IP address is not one of this machine's",
 }
+# Connections waiting to be accepted: gunicorn's and uvicorn's default. Tornado's 128
+# makes a burst of new clients wait a second for the kernel to retry their SYN.
+_LISTEN_BACKLOG = 2048
 _server_logger = logging.getLogger("django.server")  # runserver's access log, shown by Django's default logging
 
 
@@ -874,7 +892,7 @@ def _bind(addresses: list[tuple[str, int]]) -> list[socket.socket]:
     sockets: list[socket.socket] = []
     for host, port in addresses:
         try:
-            sockets.extend(tornado.netutil.bind_sockets(port, host))
+            sockets.extend(tornado.netutil.bind_sockets(port, host, backlog=_LISTEN_BACKLOG))
         except OSError as error:
             for opened in sockets:
                 opened.close()
