@@ -5,13 +5,16 @@ module's urlconf.
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
 import http.client
 import json
 import os
+import pathlib
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -723,6 +726,13 @@ def test_a_waiter_registered_after_its_client_left_is_dropped_too(server):
     wait_for(lambda: not waiters)
 
 
+def test_clients_that_leave_as_they_ask_leave_no_waiter_behind(server):
+    for _ in range(50):
+        with contextlib.closing(raw_request(server, b"GET /wait HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")):
+            pass  # closed at once, maybe before the server has read the request
+    wait_for(lambda: not waiters and not server.app.django_bridge.active_handlers)
+
+
 @route("answer-at-once")
 @asynchronous
 def answer_at_once(request, handler):
@@ -1157,3 +1167,246 @@ def test_python_m_django_tornado_without_usable_settings_says_so_in_one_line(pro
         server.stop()
     assert code == 1
     assert [line.strip() for line in server.output if line.strip()] == [message]
+
+
+# -- chat_example.py: node_chat's room, run as a newcomer runs it ---------------------
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def chat():
+    """One chat room on two ports of one process; returns its two base URLs."""
+    with running(HERE, "chat_example.py", "127.0.0.1:0", "127.0.0.1:0", settings_module="") as server:
+        yield server.wait_for_banner()
+
+
+def chat_get(base, path, **parameters):
+    return requests.get(base + path, params=parameters, timeout=TIMEOUT)
+
+
+def join(base, nick):
+    response = chat_get(base, "join", nick=nick, _=str(time.time()))  # jQuery's cache-buster is ignored
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def now_stamp():
+    return int(time.time() * 1000)
+
+
+def test_chat_speaks_node_chats_api_on_both_ports_of_one_room(chat):
+    first, second = chat
+    since = now_stamp()
+    # The original client long-polls before joining, with an empty (or no) id.
+    early = concurrent.futures.ThreadPoolExecutor(2)
+    parked = [early.submit(chat_get, first, "recv", since=since, id=""), early.submit(chat_get, second, "recv", since=since)]
+    session = join(second, "ada_-^!")
+    assert session["nick"] == "ada_-^!"
+    assert isinstance(session["rss"], int) and session["rss"] > 1_000_000  # the process's real memory
+    assert abs(session["starttime"] - now_stamp()) < 3_600_000  # milliseconds since the epoch
+    for waiting in parked:
+        (message,) = waiting.result(TIMEOUT).json()["messages"]
+        assert message["nick"] == "ada_-^!"
+        assert message["type"] == "join"
+        assert message["timestamp"] > since
+    text = "<b>bold</b> & ünïcode ✓  spaced"
+    assert chat_get(first, "send", id=session["id"], text=text).json().keys() == {"rss"}
+    posted = requests.post(first + "send", data={"id": session["id"], "text": "by POST"}, timeout=TIMEOUT)
+    assert posted.json().keys() == {"rss"}
+    messages = chat_get(second, "recv", since=message["timestamp"], id=session["id"]).json()["messages"]
+    assert [(m["type"], m["text"]) for m in messages] == [("msg", text), ("msg", "by POST")]  # exactly as sent
+    assert messages[0]["timestamp"] < messages[1]["timestamp"]
+    assert "ada_-^!" in chat_get(first, "who").json()["nicks"]
+    assert chat_get(first, "part", id=session["id"]).json().keys() == {"rss"}
+    assert "ada_-^!" not in chat_get(second, "who").json()["nicks"]
+    last = chat_get(first, "recv", since=messages[1]["timestamp"]).json()["messages"]
+    assert [(m["type"], m["nick"]) for m in last] == [("part", "ada_-^!")]
+
+
+@pytest.mark.parametrize(
+    ("path", "parameters", "error"),
+    [
+        ("recv", {}, "since"),
+        ("recv", {"since": "yesterday"}, "since"),
+        ("recv", {"since": "1", "id": "no-such-session"}, "No such session id."),
+        ("send", {"id": "no-such-session", "text": "hi"}, "No such session id."),
+        ("part", {"id": "no-such-session"}, "No such session id."),
+        ("join", {}, "Bad nick."),
+        ("join", {"nick": "x" * 51}, "Nick too long"),
+        ("join", {"nick": "<img src=x onerror=alert(1)>"}, "Bad character in nick"),
+        ("join", {"nick": "taken"}, "Nick in use."),
+        ("send", {"text": ""}, "Empty message."),
+        ("send", {"text": "x" * 2001}, "Message too long"),
+    ],
+)
+def test_chat_answers_bad_input_with_400_and_an_error(chat, path, parameters, error):
+    first, _ = chat
+    with contextlib.suppress(AssertionError):
+        join(first, "taken")
+    if "text" in parameters and "id" not in parameters:
+        parameters = {**parameters, "id": join(first, f"writer{time.monotonic_ns()}")["id"]}
+    response = chat_get(first, path, **parameters)
+    assert response.status_code == 400
+    assert error in response.json()["error"]
+
+
+def test_chat_accepts_the_longest_nick(chat):
+    first, _ = chat
+    assert join(first, "n" * 50)["nick"] == "n" * 50
+
+
+def test_chat_loses_and_repeats_no_message_under_concurrent_senders(chat):
+    first, second = chat
+    since = now_stamp()
+    senders = [join(first, f"sender{number}") for number in range(3)]
+    expected = {f"{number}:{index}" for number in range(3) for index in range(300)}
+    done = threading.Event()
+
+    def receive(base):
+        received, cursor = [], since
+        with requests.Session() as client:
+            while len(received) < len(expected) and not done.is_set():
+                for message in client.get(base + "recv", params={"since": cursor}, timeout=TIMEOUT).json()["messages"]:
+                    cursor = message["timestamp"]
+                    if message["type"] == "msg":
+                        received.append((message["timestamp"], message["text"]))
+        return received
+
+    def send(number):
+        with requests.Session() as client:
+            for index in range(300):
+                client.get(second + "send", params={"id": senders[number]["id"], "text": f"{number}:{index}"}, timeout=TIMEOUT)
+
+    with concurrent.futures.ThreadPoolExecutor(23) as pool:
+        receivers = [pool.submit(receive, (first, second)[number % 2]) for number in range(20)]
+        for sent in [pool.submit(send, number) for number in range(3)]:
+            sent.result(60)
+        try:
+            results = [receiver.result(60) for receiver in receivers]
+        finally:
+            done.set()
+    for received in results:
+        texts = [text for _, text in received]
+        assert len(texts) == len(expected) and set(texts) == expected  # all 900, none twice
+        assert [stamp for stamp, _ in received] == sorted({stamp for stamp, _ in received})  # in stamp order
+        for number in range(3):  # and each sender's in the order sent
+            assert [text for text in texts if text.startswith(f"{number}:")] == [f"{number}:{index}" for index in range(300)]
+
+
+def test_chat_bookkeeping_stays_bounded_over_ten_thousand_departures(chat):
+    first, second = chat
+    port = int(first.rsplit(":", 1)[1].rstrip("/"))
+    request = f"GET /recv?since={now_stamp() + 10**9}&id= HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    for _ in range(100):  # 100 rounds of 100 clients that park a long-poll and leave
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) for _ in range(100)]
+        for client in clients:
+            client.sendall(request)
+        for client in clients:
+            client.close()
+    for number in range(200):  # and users who join and part
+        session = join(second, f"visitor{number}")
+        assert chat_get(first, "part", id=session["id"]).status_code == 200
+    wait_for(lambda: chat_get(first, "stats").json()["waiters"] == 0, timeout=TIMEOUT)
+    stats = chat_get(first, "stats").json()
+    assert stats["sessions"] < 50  # only the other tests' users
+    assert stats["messages"] <= 200  # the backlog is bounded
+
+
+def test_chat_refuses_worker_processes_without_redis():
+    with running(HERE, "chat_example.py", "--processes", "2", "8000", settings_module="") as refused:
+        code = refused.process.wait(TIMEOUT)
+        refused.stop()
+    assert code == 2
+    assert "--processes needs --redis URL" in refused.output[-1]
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """A real redis-server on a free loopback port, for this module's tests."""
+    server_binary = shutil.which("redis-server")
+    assert server_binary, "redis-server is not installed (.ci/run installs it)"
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    folder = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [server_binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
+                probe.sendall(b"PING\r\n")
+                if probe.recv(16).startswith(b"+PONG"):
+                    break
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(TIMEOUT)
+
+
+def test_chat_rooms_in_redis_are_one_room_across_processes(redis_url):
+    with (
+        running(HERE, "chat_example.py", "--redis", redis_url, "127.0.0.1:0", settings_module="") as worker_a,
+        running(HERE, "chat_example.py", "--redis", redis_url, "--processes", "2", "127.0.0.1:0", settings_module="") as worker_b,
+    ):
+        (a,) = worker_a.wait_for_banner()
+        (b,) = worker_b.wait_for_banner()
+        session = join(a, "grace")
+        since = now_stamp()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            parked = pool.submit(chat_get, b, "recv", since=since, id=session["id"])  # sessions live in Redis too
+            wait_for(lambda: chat_get(b, "stats").json()["waiters"] >= 1)
+            chat_get(a, "send", id=session["id"], text="across processes")
+            (message,) = parked.result(TIMEOUT).json()["messages"]
+        assert (message["nick"], message["text"]) == ("grace", "across processes")
+        assert "grace" in chat_get(b, "who").json()["nicks"]
+        assert chat_get(b, "join", nick="grace").json() == {"error": "Nick in use."}
+        assert worker_a.stop() == 0
+        # Worker A is gone; its user carries on through B.
+        chat_get(b, "send", id=session["id"], text="still here")
+        assert chat_get(b, "recv", since=message["timestamp"]).json()["messages"][0]["text"] == "still here"
+
+
+def test_chat_page_in_a_real_browser(chat, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    first, second = chat
+    dialogs = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        )
+        try:
+            pages = []
+            for base, nick in ((first, "alice"), (second, "bob")):
+                page = browser.new_page(viewport={"width": 900, "height": 520})
+                page.set_default_timeout(TIMEOUT * 1000)
+                page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+                page.goto(base)
+                page.fill("#nick", nick)
+                page.click("#join")
+                page.wait_for_selector("#toolbar:not([hidden])")
+                pages.append(page)
+            alice, bob = pages
+            alice.fill("#text", "hello bob")
+            alice.press("#text", "Enter")
+            bob.wait_for_selector(".message.msg >> text=hello bob")
+            bob.fill("#text", "<img src=x onerror=alert(1)>")
+            bob.press("#text", "Enter")
+            alice.wait_for_selector(".message.msg >> text=<img src=x onerror=alert(1)>")  # shown as text
+            alice.click("#users-toggle")
+            alice.wait_for_selector("#users >> text=bob")
+            assert "alice" in bob.inner_text("#users")
+            assert alice.locator("#log img").count() == 0
+            alice.screenshot(path=tmp_path / "chat.png")
+        finally:
+            browser.close()
+    assert dialogs == []  # no script from a message ever ran
+    assert (tmp_path / "chat.png").stat().st_size > 10_000
+    print(f"chat screenshot: {tmp_path / 'chat.png'}")
