@@ -456,9 +456,14 @@ def recv(request, handler):
         handler.set_status(400)
         handler.finish({"error": error})
 
+    def on_end():
+        forget()
+        if not handler.request.connection.stream.closed():
+            answer([])  # the server is stopping: an empty answer, and the client polls again (elsewhere)
+
     # The id is optional: the original client polls before it has joined.
     forget = room.wait(int(since), request.GET.get("id", ""), handler.async_callback(answer), handler.async_callback(refuse))
-    handler.add_disconnect_callback(forget)
+    handler.add_disconnect_callback(on_end)
 
 
 # -- The page ------------------------------------------------------------------------

@@ -1313,6 +1313,18 @@ def test_chat_bookkeeping_stays_bounded_over_ten_thousand_departures(chat):
     assert stats["messages"] <= 200  # the backlog is bounded
 
 
+def test_chat_answers_parked_long_polls_with_no_messages_when_it_stops():
+    with running(HERE, "chat_example.py", "127.0.0.1:0", settings_module="") as server:
+        (base,) = server.wait_for_banner()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            parked = pool.submit(chat_get, base, "recv", since=now_stamp() + 10**9)
+            wait_for(lambda: chat_get(base, "stats").json()["waiters"] == 1)
+            assert server.stop() == 0
+            answer = parked.result(TIMEOUT)
+    assert answer.status_code == 200
+    assert answer.json()["messages"] == []
+
+
 def test_chat_refuses_worker_processes_without_redis():
     with running(HERE, "chat_example.py", "--processes", "2", "8000", settings_module="") as refused:
         code = refused.process.wait(TIMEOUT)
