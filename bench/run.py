@@ -1,0 +1,491 @@
+#!/usr/bin/env python
+"""Measure django_tornado against the servers a Django user would pick instead.
+
+    python bench/run.py [--quick] [--rounds N]
+
+Every server serves the same app (bench/app.py) from ONE process pinned to CPU 0
+(plus a 2-process row for django_tornado), with wrk pinned to CPU 1, all on
+127.0.0.1. Rounds interleave the servers (A B C ... A B C); each figure is the
+median over rounds, and is also given as a ratio to raw Tornado (plain Tornado
+handlers, no Django) measured in the same round. Writes a Markdown report to
+stdout and bench/results/latest.md, raw figures to bench/results/*.json, and a
+chart to docs/bench.png when matplotlib is there. Peers come from
+bench/requirements.txt, installed on demand; wrk from the OS (apt-get install wrk).
+"""
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+RESULTS = os.path.join(BENCH, "results")
+THREADS = 6  # django_tornado's default on 2 cores (CPUs + 4); gthread and WSGIContainer get the same
+PY = sys.executable
+
+# name -> (command, extra environment, can park thousands of long-polls)
+SERVERS = {
+    "raw Tornado (ceiling)": ([PY, "servers.py", "raw", "{port}"], {}, True),
+    "django_tornado": ([PY, "servers.py", "ours", "{port}", "1"], {}, True),
+    "django_tornado, 2 processes": ([PY, "servers.py", "ours", "{port}", "2"], {}, True),
+    "Tornado WSGIContainer": ([PY, "servers.py", "wsgicontainer", "{port}", "0"], {}, False),
+    f"Tornado WSGIContainer, {THREADS} threads": ([PY, "servers.py", "wsgicontainer", "{port}", str(THREADS)], {}, False),
+    "gunicorn sync": (["gunicorn", "-w", "1", "-b", "127.0.0.1:{port}", "app:wsgi"], {}, False),
+    f"gunicorn gthread, {THREADS} threads": (
+        ["gunicorn", "-w", "1", "-k", "gthread", "--threads", str(THREADS), "-b", "127.0.0.1:{port}", "app:wsgi"], {}, False),
+    "uvicorn (uvloop, httptools) + Django ASGI": (
+        ["uvicorn", "--port", "{port}", "--no-access-log", "--log-level", "warning", "app:asgi"], {"BENCH_POLL": "asgi"}, True),
+    "daphne + Django ASGI": (["daphne", "-p", "{port}", "-b", "127.0.0.1", "-v", "0", "app:asgi"], {"BENCH_POLL": "asgi"}, True),
+}
+CEILING = "raw Tornado (ceiling)"
+ONE_CORE = {name for name in SERVERS if "2 processes" not in name}
+
+
+# -- Tools: installing peers, starting servers, wrk ---------------------------------
+
+
+def ensure_tools() -> None:
+    """Install the peers from bench/requirements.txt and wrk if they are missing."""
+    missing = [module for module in ("gunicorn", "uvicorn", "daphne", "uvloop", "httptools") if importlib.util.find_spec(module) is None]
+    if missing:
+        print(f"Installing the peers ({', '.join(missing)} missing)...", file=sys.stderr)
+        subprocess.run([PY, "-m", "pip", "install", "-q", "-r", os.path.join(BENCH, "requirements.txt")], check=True)
+    if shutil.which("wrk") is None:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            sys.exit("bench/run.py needs wrk: apt-get install wrk (or your system's package)")
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def taskset(cpu: str) -> list[str]:
+    """Pin to ``cpu`` where taskset works (it may not in every container)."""
+    if shutil.which("taskset") and subprocess.run(["taskset", "-c", cpu, "true"], check=False, capture_output=True).returncode == 0:
+        return ["taskset", "-c", cpu]
+    return []
+
+
+class Server:
+    """One benchmarked server process on a free loopback port."""
+
+    def __init__(self, name: str) -> None:
+        command, environment, self.parks = SERVERS[name]
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        pin = taskset("0") if name in ONE_CORE else []
+        self.process = subprocess.Popen(
+            [*pin, *(part.format(port=self.port) for part in command)],
+            cwd=BENCH,
+            env={**os.environ, **environment, "PYTHONPATH": ROOT},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while not self.answers("/sync"):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start: {self.process.stderr.read().decode()[-2000:]}")
+            time.sleep(0.1)
+
+    def answers(self, path: str) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def get_json(self, path: str, timeout: float = 10) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+            return json.load(response)
+
+    def rss(self) -> int:
+        """Resident memory of the server and its children, in bytes."""
+        pids = [self.process.pid, *children(self.process.pid)]
+        total = 0
+        for pid in pids:
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/statm") as statm:
+                total += int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return total
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, 15)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, 9)
+            self.process.wait()
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as listing:
+            direct = [int(child) for child in listing.read().split()]
+    except OSError:
+        return []
+    return [*direct, *(grandchild for child in direct for grandchild in children(child))]
+
+
+def wrk(url: str, seconds: float, connections: int) -> dict:
+    """Requests/s and p99 latency (ms) from wrk on CPU 1."""
+    output = subprocess.run(
+        [*taskset("1"), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s", url],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", output)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", output)
+    scale = {"us": 0.001, "ms": 1, "s": 1000}[p99.group(2)]
+    return {"rps": rate, "p99_ms": float(p99.group(1)) * scale, "errors": bool(errors)}
+
+
+# -- Scenarios -------------------------------------------------------------------------
+
+
+def throughput_round(names: list[str], seconds: float) -> dict:
+    """Scenarios 1-3 for every server, one after the other: req/s and p99."""
+    results = {}
+    for name in names:
+        server = Server(name)
+        try:
+            wrk(server.url + "/sync", 1, 16)  # warm up
+            results[name] = {
+                "sync": wrk(server.url + "/sync", seconds, 32),
+                "async": wrk(server.url + "/async", seconds, 32),
+                "asynchronous": wrk(server.url + "/asynchronous", seconds, 32) if "django_tornado" in name else None,
+                "block": wrk(server.url + "/block", seconds, 50) if name != CEILING else None,
+            }
+        finally:
+            server.stop()
+        print(f"  {name}: {results[name]['sync']['rps']:.0f} req/s sync", file=sys.stderr)
+    return results
+
+
+async def first_byte(url_host: str, port: int, path: str, timeout: float = 8) -> tuple[float, float]:
+    """Seconds to the first body byte and to the end of a streamed response."""
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection(url_host, port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        body = b""
+        while b"chunk 0" not in body:
+            piece = await asyncio.wait_for(reader.read(4096), timeout)
+            if not piece:
+                raise ConnectionError("closed before the first chunk")
+            body += piece
+        first = time.perf_counter() - started
+        while await asyncio.wait_for(reader.read(4096), timeout):
+            pass
+        assert head.startswith(b"HTTP/1.1 200")
+        return first, time.perf_counter() - started
+    finally:
+        writer.close()
+
+
+async def streaming(server: Server) -> dict:
+    """Scenario 4: time to first byte for both iterator kinds, and /sync latency meanwhile."""
+    figures = {}
+    for kind in ("sync", "async"):
+        if server.name == CEILING and kind == "sync":
+            continue  # Tornado handlers have no sync iterators
+        streams = asyncio.gather(*(first_byte("127.0.0.1", server.port, f"/stream/{kind}") for _ in range(5)), return_exceptions=True)
+        await asyncio.sleep(0.2)
+        latencies = []
+        for _ in range(10):  # other requests while five streams are open
+            started = time.perf_counter()
+            try:
+                await asyncio.to_thread(server.get_json, "/sync", 5)
+            except OSError:
+                latencies.append(float("inf"))
+                break
+            latencies.append(time.perf_counter() - started)
+        results = await streams
+        failures = [result for result in results if isinstance(result, BaseException)]
+        if failures:
+            figures[kind] = {"failed": "timed out" if isinstance(failures[0], TimeoutError) else type(failures[0]).__name__}
+        else:
+            figures[kind] = {
+                "first_byte_ms": 1000 * statistics.median(first for first, _ in results),
+                "total_s": statistics.median(total for _, total in results),
+            }
+        figures[kind]["other_request_max_ms"] = 1000 * max(latencies)
+    return figures
+
+
+async def fan_out(server: Server, waiters: int) -> dict:
+    """Scenario 5: park ``waiters`` long-polls, wake them with one publish, time it."""
+    baseline = server.rss()
+    request = b"GET /poll HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    connections = []
+    for start in range(0, waiters, 500):  # connect in batches, inside the listen backlog
+        batch = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", server.port) for _ in range(min(500, waiters - start))))
+        for _, writer in batch:
+            writer.write(request)
+        connections.extend(batch)
+    deadline = time.monotonic() + 60
+    while (await asyncio.to_thread(server.get_json, "/waiting"))["waiting"] < waiters:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {(await asyncio.to_thread(server.get_json, '/waiting'))['waiting']} of {waiters} parked")
+        await asyncio.sleep(0.1)
+    parked_rss = server.rss()
+
+    async def answered(reader: asyncio.StreamReader) -> float:
+        await reader.readuntil(b"\r\n\r\n")
+        return time.perf_counter()
+
+    readers = [asyncio.ensure_future(answered(reader)) for reader, _ in connections]
+    started = time.perf_counter()
+    await asyncio.to_thread(server.get_json, "/publish", 60)
+    published = time.perf_counter() - started
+    done = await asyncio.wait_for(asyncio.gather(*readers), 120)
+    for _, writer in connections:
+        writer.close()
+    times = sorted(moment - started for moment in done)
+    return {
+        "all_answered_ms": 1000 * times[-1],
+        "p99_ms": 1000 * times[int(len(times) * 0.99) - 1],
+        "publish_ms": 1000 * published,
+        "kb_per_waiter": (parked_rss - baseline) / waiters / 1024,
+    }
+
+
+def chat_end_to_end(receivers: int, seconds: float, rate: float) -> dict:
+    """Scenario 6: chat_example.py with ``receivers`` long-polls and one sender at ``rate`` msg/s."""
+    port = free_port()
+    process = subprocess.Popen([*taskset("0"), PY, os.path.join(ROOT, "chat_example.py"), f"127.0.0.1:{port}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(base + "/who", timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "chat_example.py did not start"
+                time.sleep(0.1)
+        with urllib.request.urlopen(base + "/join?nick=bench", timeout=5) as response:
+            session = json.load(response)["id"]
+        return asyncio.run(chat_load(port, session, receivers, seconds, rate))
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(15)
+
+
+async def chat_load(port: int, session: str, receivers: int, seconds: float, rate: float) -> dict:
+    since = int(time.time() * 1000)
+    latencies: list[float] = []
+    delivered = [0]
+    stop = asyncio.Event()
+
+    async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> dict:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        return json.loads(await reader.readexactly(int(re.search(rb"Content-Length: (\d+)", head).group(1))))
+
+    async def receive() -> None:
+        cursor = since
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while not stop.is_set():
+            answer = await exchange(reader, writer, f"/recv?since={cursor}")
+            now = time.time()
+            for message in answer["messages"]:
+                cursor = max(cursor, message["timestamp"])
+                if message["type"] == "msg":
+                    latencies.append(now - float(message["text"]))
+                    delivered[0] += 1
+        writer.close()
+
+    async def send() -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        sent, started = 0, time.monotonic()
+        while time.monotonic() - started < seconds:
+            await exchange(reader, writer, f"/send?id={session}&text={time.time():.6f}")
+            sent += 1
+            await asyncio.sleep(max(0.0, started + sent / rate - time.monotonic()))
+        writer.close()
+        return sent
+
+    tasks = [asyncio.ensure_future(receive()) for _ in range(receivers)]
+    await asyncio.sleep(1)  # let the receivers park
+    sent = await send()
+    await asyncio.sleep(1)
+    stop.set()
+    for task in tasks:
+        task.cancel()
+    latencies.sort()
+    return {
+        "sent": sent,
+        "delivered_per_s": delivered[0] / seconds,
+        "expected_per_s": sent * receivers / seconds,
+        "p99_latency_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1] if latencies else None,
+    }
+
+
+# -- Report ------------------------------------------------------------------------------
+
+
+def median_of(rounds: list[dict], name: str, scenario: str, field: str) -> tuple[float | None, float | None]:
+    """Median figure and median same-round ratio to the ceiling."""
+    figures, ratios = [], []
+    for round_results in rounds:
+        entry = round_results.get(name, {}).get(scenario)
+        ceiling = round_results.get(CEILING, {}).get("sync")
+        if entry:
+            figures.append(entry[field])
+            if ceiling:
+                ratios.append(entry[field] / ceiling[field])
+    if not figures:
+        return None, None
+    return statistics.median(figures), statistics.median(ratios) if ratios else None
+
+
+def report(data: dict) -> str:
+    rounds = data["rounds"]
+    lines = [f"Measured {data['date']} on {data['machine']}; {len(rounds)} interleaved rounds of {data['seconds']} s per figure, median.", ""]
+    titles = {
+        "sync": "1. Sync JSON view, 32 connections",
+        "async": "2. async def JSON view, 32 connections",
+        "asynchronous": "2b. @asynchronous view answering at once, 32 connections",
+        "block": "3. Sync view blocking 20 ms, 50 connections",
+    }
+    for scenario, title in titles.items():
+        lines += [f"**{title}** (ratio: to raw Tornado's sync JSON in the same round)", "",
+                  "| server | req/s | ratio | p99 ms |", "|---|---:|---:|---:|"]
+        for name in SERVERS:
+            rps, ratio = median_of(rounds, name, scenario, "rps")
+            if rps is None:
+                continue
+            p99, _ = median_of(rounds, name, scenario, "p99_ms")
+            lines.append(f"| {name} | {rps:,.0f} | {ratio:.2f} | {p99:.1f} |")
+        lines.append("")
+    lines += ["**4. Streaming: 5 chunks 0.5 s apart, 5 streams at once**", "",
+              "| server | sync iterator: first byte ms | async iterator: first byte ms | slowest other request meanwhile ms |",
+              "|---|---:|---:|---:|"]
+    for name, figures in data["streaming"].items():
+        cells = []
+        for kind in ("sync", "async"):
+            entry = figures.get(kind, {})
+            cells.append(f"{entry['first_byte_ms']:.0f} (end {entry['total_s']:.1f} s)" if "first_byte_ms" in entry else entry.get("failed", "n/a"))
+        slowest = max((entry.get("other_request_max_ms", 0) for entry in figures.values()), default=0)
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {'no answer' if slowest == float('inf') else f'{slowest:.0f}'} |")
+    lines += ["", "**5. Long-poll fan-out: N parked requests woken by one publish**", "",
+              "| server | N | all answered ms | ratio | p99 ms | publish answered ms | KB per waiter |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, by_size in data["fan_out"].items():
+        for size, entry in by_size.items():
+            if "failed" in entry:
+                lines.append(f"| {name} | {size} | {entry['failed']} | | | | |")
+                continue
+            ceiling = data["fan_out"].get(CEILING, {}).get(size, {}).get("all_answered_ms")
+            ratio = f"{entry['all_answered_ms'] / ceiling:.2f}" if ceiling else ""
+            lines.append(f"| {name} | {size} | {entry['all_answered_ms']:,.0f} | {ratio} | {entry['p99_ms']:,.0f} | "
+                         f"{entry['publish_ms']:,.0f} | {entry['kb_per_waiter']:.1f} |")
+    lines += ["", "WSGI servers (gunicorn, WSGIContainer) are left out of 5: each parked request would hold one of their threads.", ""]
+    chat = data.get("chat")
+    if chat:
+        lines += ["**6. chat_example.py end to end**", "",
+                  (f"{chat['receivers']} long-polling receivers, one sender at {chat['rate']} messages/s for {chat['seconds']} s: "
+                   f"{chat['delivered_per_s']:,.0f} deliveries/s of {chat['expected_per_s']:,.0f} expected, "
+                   f"p99 send-to-receive latency {chat['p99_latency_ms']:.0f} ms."), ""]
+    return "\n".join(lines)
+
+
+def chart(data: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart", file=sys.stderr)
+        return
+    names = [name for name in SERVERS if median_of(data["rounds"], name, "sync", "rps")[0]]
+    figure, axes = plt.subplots(1, 3, figsize=(15, 5.5))
+    for axis, scenario, title in zip(axes, ("sync", "async", "block"), ("sync JSON view", "async def JSON view", "view blocking 20 ms, 50 clients")):
+        values = [median_of(data["rounds"], name, scenario, "rps")[0] or 0 for name in names]
+        colors = ["#c33" if name.startswith("django_tornado") else "#888" if name == CEILING else "#48a" for name in names]
+        axis.barh(names, values, color=colors)
+        axis.invert_yaxis()
+        axis.set_title(f"{title}: requests/s")
+        if axis is not axes[0]:
+            axis.set_yticklabels([])
+    figure.suptitle(f"django_tornado and its peers, one process each ({data['machine']})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+
+
+# -- Main ----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs and fewer waiters (under 10 minutes)")
+    parser.add_argument("--rounds", type=int, default=3)
+    options = parser.parse_args()
+    ensure_tools()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 10,000 waiters need as many sockets (servers inherit it)
+    seconds = 3 if options.quick else 5
+    sizes = (1000, 5000) if options.quick else (1000, 5000, 10000)
+    sizes = tuple(size for size in sizes if 2 * size + 200 < hard)
+    started = time.monotonic()
+    data = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
+                   f"Django {__import__('django').get_version()}, Tornado {__import__('tornado').version}",
+        "seconds": seconds, "rounds": [], "streaming": {}, "fan_out": {},
+    }
+    names = list(SERVERS)
+    for number in range(options.rounds):
+        print(f"Round {number + 1} of {options.rounds}", file=sys.stderr)
+        data["rounds"].append(throughput_round(names, seconds))
+    for name in names:
+        server = Server(name)
+        try:
+            data["streaming"][name] = asyncio.run(streaming(server))
+            if server.parks and name in ONE_CORE:
+                data["fan_out"][name] = {}
+                for size in sizes:
+                    try:
+                        data["fan_out"][name][size] = asyncio.run(fan_out(server, size))
+                    except (OSError, TimeoutError) as error:
+                        data["fan_out"][name][size] = {"failed": f"{type(error).__name__} {error}"[:60]}
+        finally:
+            server.stop()
+        print(f"  {name}: streaming and fan-out done", file=sys.stderr)
+    data["chat"] = {"receivers": 1000, "rate": 50, "seconds": 10 if options.quick else 30}
+    data["chat"].update(chat_end_to_end(1000, data["chat"]["seconds"], 50))
+    data["elapsed_s"] = round(time.monotonic() - started)
+    os.makedirs(RESULTS, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    with open(os.path.join(RESULTS, f"{stamp}{'-quick' if options.quick else ''}.json"), "w") as output:
+        json.dump(data, output, indent=1)
+    text = report(data) + f"\nThe whole run took {data['elapsed_s']} s.\n"
+    with open(os.path.join(RESULTS, "latest.md"), "w") as output:
+        output.write(text)
+    chart(data, os.path.join(ROOT, "docs", "bench.png"))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
