@@ -7,7 +7,7 @@ handler as an extra argument and may answer later, and an ``async def`` view
 runs on the IOLoop and can ``await`` anything asyncio or Tornado offers::
 
     from django.http import JsonResponse
-    from django_tornado import asynchronous, make_app
+    from django_tornado import asynchronous, serve
 
     def hello(request):                      # a plain view: runs in the pool
         return JsonResponse({"hello": request.GET.get("name", "world")})
@@ -23,8 +23,12 @@ runs on the IOLoop and can ``await`` anything asyncio or Tornado offers::
         await asyncio.sleep(1)
         return JsonResponse({"slept": 1})
 
-    app = make_app([(r"/ws", MyWebSocketHandler)])   # Tornado routes first
-    app.listen(8000)                                   # then Django for the rest
+    # Tornado routes first, Django for the rest; one process on both ports:
+    serve(["8000", "8001"], handlers=[(r"/ws", MyWebSocketHandler)])
+
+``python manage.py runtornado 8000 8001`` does the same with "django_tornado" in
+INSTALLED_APPS, and ``make_app()`` returns the ``tornado.web.Application`` for
+code that runs its own IOLoop.
 
 Concurrency: plain views run in a bounded thread pool (``threads``), so state
 they share with ``@asynchronous`` views needs a lock. ``@asynchronous`` view
