@@ -447,7 +447,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 10,000 waiters need as many sockets (servers inherit it)
     seconds = 3 if options.quick else 5
     sizes = (1000, 5000) if options.quick else (1000, 5000, 10000)
-    sizes = tuple(size for size in sizes if 2 * size + 200 < hard)
+    sizes = tuple(size for size in sizes if size + 200 < hard)  # client and server each hold one socket per waiter
     started = time.monotonic()
     data = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
