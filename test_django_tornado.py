@@ -1088,6 +1088,20 @@ def test_sigterm_lets_a_slow_view_finish_and_answers_a_long_poll(project):
         requests.get(url + "state", timeout=TIMEOUT)
 
 
+def test_requests_still_running_after_the_grace_period_are_cut_off_and_the_server_exits_0(project):
+    with running(project, *runtornado("--grace-period", "1", "127.0.0.1:0")) as server:
+        (url,) = server.wait_for_banner()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(requests.get, url + "slow?seconds=8", timeout=TIMEOUT)
+            server.wait_for_line("slow view started")
+            started = time.monotonic()
+            assert server.stop() == 0  # a pool thread still in the view does not hold the exit
+            assert time.monotonic() - started < 5
+            with pytest.raises(requests.exceptions.ConnectionError):
+                slow.result(TIMEOUT)
+    assert any("1 requests still running after 1.0 s were cut off" in line for line in server.output)
+
+
 def get_ignoring_errors(url):
     with contextlib.suppress(requests.RequestException):
         requests.get(url, timeout=TIMEOUT)
