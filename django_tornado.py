@@ -254,8 +254,12 @@ class _CallsFromThreads:
 class _DjangoBridge:
     """What every DjangoHandler of one application shares: Django's handlers and the pools."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, static: bool) -> None:
         self.wsgi_handler = WSGIHandler()
+        if static:
+            from django.contrib.staticfiles.handlers import StaticFilesHandler
+
+            self.wsgi_handler = StaticFilesHandler(self.wsgi_handler)
         self.calls_from_threads = _CallsFromThreads()
         self.executor = concurrent.futures.ThreadPoolExecutor(threads, "django") if threads else None
         self.reserved_executor = (
@@ -788,12 +792,15 @@ def make_app(
     handlers: Iterable[Any] = (),
     *,
     threads: int | None = None,
+    static: bool = False,
     **tornado_settings: Any,
 ) -> tornado.web.Application:
     """Return a Tornado Application: ``handlers`` first, then Django for every other path.
 
     ``threads`` sizes the pool plain views run in (default: ``min(32, CPUs + 4)``);
     0 runs them on the IOLoop thread, as the original django_tornado did.
+    ``static=True`` serves STATIC_URL from django.contrib.staticfiles' finders,
+    as runserver does in development (use a web server for that in production).
     ``tornado_settings`` go to ``tornado.web.Application`` unchanged. The pool is
     ``app.django_executor`` (None with ``threads=0``). Django must be configured
     (``DJANGO_SETTINGS_MODULE`` or ``settings.configure()``).
@@ -804,7 +811,7 @@ def make_app(
         raise ValueError(f"threads must be 0 or more, not {threads!r}")
     if not apps.ready:
         django.setup(set_prefix=False)
-    bridge = _DjangoBridge(threads)
+    bridge = _DjangoBridge(threads, static)
     app = tornado.web.Application([*handlers, (r".*", DjangoHandler, {"bridge": bridge})], **tornado_settings)
     app.django_bridge = bridge
     app.django_executor = bridge.executor
@@ -830,6 +837,7 @@ def serve(
     *,
     handlers: Iterable[Any] = (),
     threads: int | None = None,
+    static: bool = False,
     processes: int = 1,
     reload: bool = False,
     xheaders: bool = False,
@@ -852,7 +860,7 @@ def serve(
     worker that dies, and in-memory state is then per process. ``reload=True``
     restarts the process when a source file changes (one process only).
 
-    ``handlers``, ``threads`` and ``tornado_settings`` go to ``make_app``;
+    ``handlers``, ``threads``, ``static`` and ``tornado_settings`` go to ``make_app``;
     ``xheaders``, ``no_keep_alive``, ``max_body_size``, ``idle_timeout`` (an idle
     keep-alive connection, or one whose headers have not arrived) and
     ``body_timeout`` to Tornado's HTTPServer. ``startup`` callables (or dotted
@@ -893,7 +901,7 @@ def serve(
     }
 
     def run_worker(supervised: bool) -> bool:
-        app = make_app(handlers, threads=threads, log_function=_log_request, **tornado_settings)
+        app = make_app(handlers, threads=threads, static=static, log_function=_log_request, **tornado_settings)
         return asyncio.run(
             _serve_until_signalled(sockets, app, server_options, startup_callbacks, grace_period, reload, supervised, stdout)
         )
@@ -1097,6 +1105,8 @@ class Command(BaseCommand):
         parser.add_argument("--xheaders", action="store_true", help="Trust X-Real-IP, X-Forwarded-For and X-Forwarded-Proto (behind a proxy only).")
         parser.add_argument("--nokeepalive", action="store_true", help="Close each connection after one request.")
         parser.add_argument("--grace-period", type=float, default=30.0, help="Seconds in-flight requests get to finish on SIGTERM (default: 30).")
+        parser.add_argument("--nostatic", action="store_true", help="Do not serve static files (served with DEBUG, as runserver does).")
+        parser.add_argument("--insecure", action="store_true", help="Serve static files even with DEBUG off.")
         parser.add_argument("--skip-checks", action="store_true", help="Skip system checks.")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -1110,10 +1120,13 @@ class Command(BaseCommand):
             self.stdout.write("Performing system checks...\n\n")
             self.check(display_num_errors=True)
         self.check_migrations()
+        # As runserver does when django.contrib.staticfiles is installed.
+        static = (settings.DEBUG or options["insecure"]) and not options["nostatic"] and apps.is_installed("django.contrib.staticfiles")
         try:
             serve(
                 addresses,
                 threads=options["threads"],
+                static=static,
                 processes=options["processes"],
                 reload=options["reload"],
                 xheaders=options["xheaders"],

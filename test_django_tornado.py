@@ -880,14 +880,17 @@ execute_from_command_line(sys.argv)
 SECRET_KEY = "django-tornado-process-tests"
 ALLOWED_HOSTS = ["127.0.0.1", "localhost", "[::1]"]
 ROOT_URLCONF = "project_urls"
-INSTALLED_APPS = ["django_tornado"]
+INSTALLED_APPS = ["django_tornado", "django.contrib.staticfiles"]
 MIDDLEWARE = []
+STATIC_URL = "static/"
+STATICFILES_DIRS = ["assets"]
 TORNADO_STARTUP = ["project_urls.on_startup"]
 """,
     "explicit_settings.py": """
 from project_settings import *
 INSTALLED_APPS = ["registered_app"]
 """,
+    "assets/hello.txt": "served by the staticfiles finders\n",
     "registered_app/__init__.py": "",
     "registered_app/management/__init__.py": "",
     "registered_app/management/commands/__init__.py": "",
@@ -1018,6 +1021,18 @@ def test_two_ports_of_one_call_share_one_process_and_its_state(project):
         assert seen["value"] == 1  # one room, one counter
         assert seen["started"] == [seen["pid"]] == [server.process.pid]  # TORNADO_STARTUP ran once
         assert server.wait_for_line('"POST /state HTTP/1.1" 200')  # the access log
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize(("flags", "status"), [([], 404), (["--insecure"], 200), (["--insecure", "--nostatic"], 404)])
+def test_static_files_are_served_like_runserver_serves_them(project, flags, status):
+    with running(project, *runtornado(*flags, "127.0.0.1:0")) as server:
+        (url,) = server.wait_for_banner()
+        response = requests.get(url + "static/hello.txt", timeout=TIMEOUT)  # DEBUG is off in this project
+        assert response.status_code == status
+        if status == 200:
+            assert response.text == "served by the staticfiles finders\n"
+        assert requests.get(url + "state", timeout=TIMEOUT).status_code == 200
         assert server.stop() == 0
 
 
