@@ -363,9 +363,8 @@ class _DjangoBridge:
         deadline = loop.time() + grace_period
         while self.active_handlers:
             self._idle = loop.create_future()
-            try:
-                await asyncio.wait_for(self._idle, max(0.0, deadline - loop.time()))
-            except TimeoutError:
+            finished, _ = await asyncio.wait({self._idle}, timeout=max(0.0, deadline - loop.time()))
+            if not finished:
                 return False
         return True
 
