@@ -40,23 +40,27 @@ NICK_PATTERN = re.compile(r"[\w\-^!]+")  # node_chat's nick characters
 STARTED_AT_MS = int(time.time() * 1000)
 
 
-def configure_django(addresses: list[str]) -> None:
+def configure_django(allowed_hosts: list[str]) -> None:
     """Settings for a database-free site whose urlconf is this script."""
     settings.configure(
         DEBUG=False,
         SECRET_KEY=secrets.token_urlsafe(32),  # nothing is signed that must outlive the process
-        ALLOWED_HOSTS=allowed_hosts(addresses),
+        ALLOWED_HOSTS=allowed_hosts,
         ROOT_URLCONF=__name__,
-        MIDDLEWARE=["django.middleware.security.SecurityMiddleware", "django.middleware.clickjacking.XFrameOptionsMiddleware"],
+        MIDDLEWARE=[
+            "django.middleware.security.SecurityMiddleware",
+            "django.middleware.common.CommonMiddleware",  # checks the Host header against ALLOWED_HOSTS
+            "django.middleware.clickjacking.XFrameOptionsMiddleware",
+        ],
         INSTALLED_APPS=[],
         DATABASES={},
         USE_TZ=True,
     )
 
 
-def allowed_hosts(addresses: list[str]) -> list[str]:
-    """This machine's names, plus each address listened on; any host when listening on all."""
-    hosts = ["localhost", "127.0.0.1", "[::1]"]
+def allowed_hosts(addresses: list[str], extra: list[str]) -> list[str]:
+    """This machine's names, each address listened on and ``extra``; any host when listening on all."""
+    hosts = ["localhost", "127.0.0.1", "[::1]", *extra]
     for address in addresses:
         host = address.rpartition(":")[0] if ":" in address else ""
         if host in ("0.0.0.0", "[::]"):
@@ -723,10 +727,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reload", action="store_true", help="restart when this file changes")
     parser.add_argument("--processes", type=int, default=1, help="worker processes (needs --redis; 0: one per CPU)")
     parser.add_argument("--redis", metavar="URL", help="keep the room in Redis, e.g. redis://127.0.0.1:6379/0")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="another host name to answer to, e.g. behind a proxy (repeatable)")
     options = parser.parse_args(argv)
     if options.processes != 1 and not options.redis:
         parser.error("--processes needs --redis URL: without it every worker would hold a room of its own")
-    configure_django(options.addresses)
+    configure_django(allowed_hosts(options.addresses, options.allowed_host))
     if options.redis:
         try:
             room = RedisRoom(options.redis)

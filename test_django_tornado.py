@@ -1280,6 +1280,12 @@ def test_chat_answers_bad_input_with_400_and_an_error(chat, path, parameters, er
     assert error in response.json()["error"]
 
 
+def test_chat_answers_only_to_its_own_host_names(chat):
+    first, _ = chat
+    assert requests.get(first + "who", headers={"Host": "localhost"}, timeout=TIMEOUT).status_code == 200
+    assert requests.get(first + "who", headers={"Host": "elsewhere.example"}, timeout=TIMEOUT).status_code == 400
+
+
 def test_chat_accepts_the_longest_nick(chat):
     first, _ = chat
     assert join(first, "n" * 50)["nick"] == "n" * 50
