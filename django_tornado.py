@@ -411,7 +411,7 @@ class DjangoHandler(tornado.web.RequestHandler):
     def data_received(self, chunk: bytes) -> None:
         if isinstance(self._body, io.BytesIO) and self._body.tell() + len(chunk) > settings.FILE_UPLOAD_MAX_MEMORY_SIZE:
             # Large uploads spill to disk, as with Django's ASGI handler.
-            spooled = tempfile.SpooledTemporaryFile(max_size=settings.FILE_UPLOAD_MAX_MEMORY_SIZE)  # noqa: SIM115 (closed in on_finish)
+            spooled = tempfile.SpooledTemporaryFile(max_size=settings.FILE_UPLOAD_MAX_MEMORY_SIZE)  # noqa: SIM115 (closed once Django is done)
             spooled.write(self._body.getvalue())
             self._body = spooled
         self._body.write(chunk)
@@ -429,11 +429,26 @@ class DjangoHandler(tornado.web.RequestHandler):
 
     async def get(self) -> None:
         """Hand the request to Django, then write what it answers."""
-        bridge = self.bridge
         if self.request.connection.stream.closed():
             # The client left as it sent the request: Tornado (6.3 to 6.5) sets no
             # close callback then, so say it ourselves (its waiters must not leak).
             self.on_connection_close()
+        response = await self._django_response()
+        if response is None:  # the client left and the view was cancelled
+            await sync_to_async(signals.request_finished.send)(sender=WSGIHandler)
+        elif isinstance(response, _DeferredResponse):
+            timeout, parks = response.timeout, self._take_placeholder(response)
+            del response  # a parked request keeps nothing of Django's response: memory per waiter counts
+            if parks:
+                await self._answer_later(timeout)
+        else:
+            await self._write_response(response)
+
+    head = post = put = patch = delete = options = get
+
+    async def _django_response(self) -> HttpResponseBase | None:
+        """Run Django for this request; None if the client left and the view was cancelled."""
+        bridge = self.bridge
         environ = _wsgi_environ(self.request, self._body, self)
         kind = bridge.route(environ)
         self._in_django = True
@@ -442,20 +457,12 @@ class DjangoHandler(tornado.web.RequestHandler):
                 # As in Django's ASGIHandler: sync code this request calls through
                 # sync_to_async shares one thread of its own.
                 async with ThreadSensitiveContext():
-                    response = await self._cancel_on_disconnect(bridge.get_response_async(environ))
-            else:
-                executor = bridge.reserved_executor if kind is _DEFERRING else bridge.executor
-                response = await bridge.run_blocking(executor, bridge.get_response, environ)
+                    return await self._cancel_on_disconnect(bridge.get_response_async(environ))
+            executor = bridge.reserved_executor if kind is _DEFERRING else bridge.executor
+            return await bridge.run_blocking(executor, bridge.get_response, environ)
         finally:
             self._in_django = False
-        if response is None:  # the client left and the view was cancelled
-            await sync_to_async(signals.request_finished.send)(sender=WSGIHandler)
-        elif isinstance(response, _DeferredResponse):
-            await self._answer_later(response)
-        else:
-            await self._write_response(response)
-
-    head = post = put = patch = delete = options = get
+            self._body.close()  # Django has read it; a spilled upload leaves the disk now
 
     async def _write_response(self, response: HttpResponseBase) -> None:
         """Write Django's response: headers, then the body at once or chunk by chunk."""
@@ -541,8 +548,8 @@ class DjangoHandler(tornado.web.RequestHandler):
         self._view_deferred = True
         return _DeferredResponse(timeout)
 
-    async def _answer_later(self, placeholder: _DeferredResponse) -> None:
-        """Keep the connection open until the view calls ``finish()``, the client leaves or time runs out."""
+    def _take_placeholder(self, placeholder: _DeferredResponse) -> bool:
+        """Put the headers middleware set on the placeholder on the late answer; False if it is over already."""
         for name, value in _response_headers(placeholder):
             lower_name = name.lower()
             if lower_name in _PLACEHOLDER_ONLY_HEADERS or lower_name in self._headers_set_meanwhile:
@@ -554,15 +561,16 @@ class DjangoHandler(tornado.web.RequestHandler):
         waiting, self._waiting_for_django = self._waiting_for_django, []
         for operation in waiting:
             operation()
-        if self._done:
-            return
-        if self.bridge.stopping:
+        if not self._done and self.bridge.stopping:
             self.answer_for_shutdown()
-            return
+        return not self._done
+
+    async def _answer_later(self, timeout: float | None) -> None:
+        """Keep the connection open until the view calls ``finish()``, the client leaves or time runs out."""
         self._answered = self.loop.asyncio_loop.create_future()
         self.bridge.deferred_handlers.add(self)
-        if placeholder.timeout is not None:
-            self._expiry = self.loop.call_later(placeholder.timeout, self._expire, placeholder.timeout)
+        if timeout is not None:
+            self._expiry = self.loop.call_later(timeout, self._expire, timeout)
         try:
             await self._answered
         finally:
@@ -642,7 +650,6 @@ class DjangoHandler(tornado.web.RequestHandler):
 
     def on_finish(self) -> None:
         self._mark_done()
-        self._body.close()
 
     def answer_for_shutdown(self) -> None:
         """Answer a parked request because the server stops: 503 and Retry-After, unless
