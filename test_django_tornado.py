@@ -979,6 +979,13 @@ class ServerProcess:
             if text in line:
                 return line
 
+    def wait_for_lines(self, *texts):
+        """Wait until a line containing each of ``texts`` has come, in any order."""
+        missing = set(texts)
+        while missing:
+            line = self.wait_for_line("")
+            missing -= {text for text in missing if text in line}
+
     def wait_for_banner(self):
         """Wait until the server listens; return its URLs."""
         urls = self.wait_for_line("Starting django_tornado").split(" at ", 1)[1].strip().split(", ")
@@ -1089,8 +1096,7 @@ def test_sigterm_lets_a_slow_view_finish_and_answers_a_long_poll(project):
         ]
         for client in clients:
             client.start()
-        server.wait_for_line("slow view started")
-        server.wait_for_line("long-poll parked")
+        server.wait_for_lines("slow view started", "long-poll parked")  # in either order
         started = time.monotonic()
         assert server.stop(signal.SIGTERM) == 0
         assert time.monotonic() - started < 5
