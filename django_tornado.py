@@ -49,6 +49,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import copy
 import datetime
 import errno
 import functools
@@ -56,12 +57,14 @@ import inspect
 import io
 import logging
 import os
+import re
 import signal
 import socket
 import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TextIO
 
@@ -69,11 +72,13 @@ import django
 import tornado.autoreload
 import tornado.concurrent
 import tornado.escape
+import tornado.gen
 import tornado.httpserver
 import tornado.httputil
 import tornado.ioloop
 import tornado.iostream
 import tornado.netutil
+import tornado.util
 import tornado.web
 from asgiref.sync import ThreadSensitiveContext, iscoroutinefunction, sync_to_async
 from django.apps import apps
@@ -139,11 +144,13 @@ def _wsgi_environ(tornado_request: tornado.httputil.HTTPServerRequest, body: io.
     ``protocol`` and ``remote_ip`` already honour X-Forwarded-Proto / X-Real-IP
     when, and only when, the HTTPServer runs with ``xheaders=True``.
     """
-    path = tornado_request.path
+    path, authority = tornado_request.path, None
     if not path.startswith("/") and "://" in path:
-        # Absolute-form request target (RFC 9112 section 3.2.2): the path is what follows the authority.
-        path = "/" + path.split("://", 1)[1].partition("/")[2]
-    host, port = tornado.httputil.split_host_and_port(tornado_request.host)
+        # Absolute-form request target (RFC 9112 section 3.2.2): its authority is the
+        # host (the Host header is ignored) and the path is what follows it.
+        authority, _, path = path.split("://", 1)[1].partition("/")
+        path = "/" + path
+    host, port = tornado.httputil.split_host_and_port(authority or tornado_request.host)
     environ = {
         "REQUEST_METHOD": tornado_request.method,
         "SCRIPT_NAME": "",
@@ -175,6 +182,8 @@ def _wsgi_environ(tornado_request: tornado.httputil.HTTPServerRequest, body: io.
             environ[key] += ("; " if key == "HTTP_COOKIE" else ",") + value
         else:
             environ[key] = value
+    if authority is not None:
+        environ["HTTP_HOST"] = authority
     environ.pop("HTTP_CONTENT_LENGTH", None)  # the body length above is the truth (chunked uploads have none)
     if "HTTP_CONTENT_TYPE" in environ:
         environ["CONTENT_TYPE"] = environ.pop("HTTP_CONTENT_TYPE")
@@ -418,6 +427,14 @@ class DjangoHandler(tornado.web.RequestHandler):
 
     def prepare(self) -> None:
         self.bridge.active_handlers.add(self)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Answer errors Tornado raises before Django sees the request in plain text.
+
+        Tornado's only 405 here is for a method this handler has no code for at
+        all (Django answers 405 for the rest): that is 501 (RFC 9110 section 15.6.2).
+        """
+        self._fail(501 if status_code == 405 else status_code)
 
     def check_xsrf_cookie(self) -> None:
         """Leave CSRF to Django's CsrfViewMiddleware, even if the app sets ``xsrf_cookies``."""
@@ -688,6 +705,8 @@ class DjangoHandler(tornado.web.RequestHandler):
             return
         self.clear()
         self.set_status(status_code)
+        if status_code == 501:
+            self.set_header("Allow", ", ".join(self.SUPPORTED_METHODS))
         if status_code == 503:
             self.set_header("Retry-After", "1")  # the server is stopping: try again (another worker, or after the restart)
         self.set_header("Content-Type", "text/plain; charset=utf-8")
@@ -836,6 +855,134 @@ _BIND_ERRORS = {  # as runserver words them
 # makes a burst of new clients wait a second for the kernel to retry their SYN.
 _LISTEN_BACKLOG = 2048
 _server_logger = logging.getLogger("django.server")  # runserver's access log, shown by Django's default logging
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a header name (RFC 9110 section 5.6.2)
+_FORBIDDEN_IN_VALUES = re.compile(r"[\r\n\0]")  # RFC 9110 section 5.5
+_LINGER_SECONDS = 5.0  # how long a refused request's unread body is drained before closing (nginx: lingering_timeout)
+
+
+class _RequestGuard(tornado.httputil.HTTPMessageDelegate):
+    """Refuse, before the application sees it, a request HTTP rules out or the limits forbid.
+
+    Tornado parses the message; this adds what RFC 9112 and the server's limits
+    ask of the head: one Host on HTTP/1.1, a 414/431 instead of a cut connection
+    for a head that is too large, 413 for a declared body over ``max_body_size``
+    (before a ``100 Continue`` invites it), 417 for an Expect it cannot meet.
+    """
+
+    def __init__(self, delegate: tornado.httputil.HTTPMessageDelegate, connection: Any, max_header_size: int, max_body_size: int) -> None:
+        self.delegate = delegate
+        self.connection = connection
+        self.max_header_size = max_header_size
+        self.max_body_size = max_body_size
+
+    def headers_received(self, start_line: Any, headers: tornado.httputil.HTTPHeaders) -> Awaitable[None] | None:
+        refusal = self._refusal(start_line, headers)
+        if refusal is None:
+            return self.delegate.headers_received(start_line, headers)
+        status, detail = refusal
+        address = getattr(self.connection.context, "remote_ip", "-")
+        uri = start_line.path if len(start_line.path) <= 200 else start_line.path[:200] + "..."
+        _server_logger.warning('"%s %s %s" %d %s (%s)', start_line.method, uri, start_line.version, status, address, detail)
+        # Stop Tornado reading this connection (detach is meant for this moment) and answer on it directly.
+        asyncio.ensure_future(_refuse(self.connection.detach(), status, detail))
+        return None
+
+    def _refusal(self, start_line: Any, headers: tornado.httputil.HTTPHeaders) -> tuple[int, str] | None:
+        """Return (status, reason) if this request must not go on, else None."""
+        if len(start_line.path) > self.max_header_size:
+            return 414, f"the request target is over {self.max_header_size} bytes"
+        if len(start_line.path) + sum(len(name) + len(value) + 4 for name, value in headers.get_all()) > self.max_header_size:
+            return 431, f"the request head is over {self.max_header_size} bytes"
+        for name, value in headers.get_all():
+            if not _TOKEN.fullmatch(name) or _FORBIDDEN_IN_VALUES.search(value):
+                # RFC 9110 section 5: Tornado before 6.5 lets these through, and a
+                # stray CR or NUL in a header Django reads is a smuggling risk.
+                return 400, f"a malformed header line ({name!r})"
+        hosts = headers.get_list("Host")
+        if len(hosts) > 1 or (not hosts and start_line.version == "HTTP/1.1"):
+            return 400, "an HTTP/1.1 request needs exactly one Host header"  # RFC 9112 section 3.2
+        expectation = headers.get("Expect")
+        if expectation is not None and expectation.lower() != "100-continue":
+            return 417, f"can't meet Expect: {expectation}"
+        coding = headers.get("Transfer-Encoding")
+        if coding is not None:
+            if "Content-Length" in headers:
+                return 400, "both Transfer-Encoding and Content-Length"  # RFC 9112 section 6.1: a smuggling sign
+            if coding.lower() != "chunked":
+                return 501, f"can't decode Transfer-Encoding: {coding}"  # RFC 9112 section 6.1
+        length = headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.max_body_size:
+            return 413, f"the body is over {self.max_body_size} bytes"
+        return None
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        return self.delegate.data_received(chunk)
+
+    def finish(self) -> None:
+        self.delegate.finish()
+
+    def on_connection_close(self) -> None:
+        self.delegate.on_connection_close()
+
+
+async def _refuse(stream: tornado.iostream.IOStream, status: int, detail: str) -> None:
+    """Answer ``status`` on a connection taken from Tornado, then close it gently."""
+    reason = tornado.httputil.responses.get(status, "Error")
+    body = f"{status} {reason}: {detail}\n".encode()
+    head = f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    try:
+        await stream.write(head.encode() + body)
+        # Closing with unread data resets the connection, and a client still sending its
+        # body would lose this answer: read on for a while and drop it (nginx's lingering close).
+        stream.socket.shutdown(socket.SHUT_WR)
+        deadline = stream.io_loop.time() + _LINGER_SECONDS
+        while True:
+            await tornado.gen.with_timeout(deadline, stream.read_bytes(64 * 1024, partial=True), quiet_exceptions=tornado.iostream.StreamClosedError)
+    except (tornado.iostream.StreamClosedError, tornado.util.TimeoutError, OSError):
+        pass
+    finally:
+        stream.close()
+
+
+class _HTTPServer(tornado.httpserver.HTTPServer):
+    """Tornado's HTTPServer with the request guard, and a header timeout of its own.
+
+    Tornado times the wait for a request head with its idle timeout. Here a new
+    connection gets ``header_timeout`` for its first head (a slowloris client is
+    dropped early); a kept-alive one ``idle_timeout`` for the next.
+    """
+
+    def initialize(
+        self,
+        request_callback: Any,
+        *,
+        max_header_size: int,
+        max_body_size: int,
+        header_timeout: float,
+        idle_timeout: float,
+        **options: Any,
+    ) -> None:
+        # Tornado cuts a connection whose head is over its own limit without a word;
+        # its limit is set higher, so that heads up to 4 times ours get a 414 or 431.
+        super().initialize(
+            request_callback,
+            max_header_size=4 * max_header_size,
+            max_body_size=max_body_size,
+            idle_connection_timeout=idle_timeout,
+            **options,
+        )
+        self.max_header_size = max_header_size
+        self.max_body_size = max_body_size
+        self.first_request_params = copy.copy(self.conn_params)
+        self.first_request_params.header_timeout = header_timeout
+        self._connections_seen: weakref.WeakSet[object] = weakref.WeakSet()
+
+    def start_request(self, server_conn: object, request_conn: Any) -> tornado.httputil.HTTPMessageDelegate:
+        if server_conn not in self._connections_seen:
+            self._connections_seen.add(server_conn)
+            request_conn.params = self.first_request_params  # read when Tornado starts waiting for the head
+        delegate = super().start_request(server_conn, request_conn)
+        return _RequestGuard(delegate, request_conn, self.max_header_size, self.max_body_size)
 
 
 def serve(
@@ -848,7 +995,9 @@ def serve(
     reload: bool = False,
     xheaders: bool = False,
     no_keep_alive: bool = False,
-    max_body_size: int = 100 * 1024 * 1024,  # Tornado's default; larger bodies get 400
+    max_body_size: int = 100 * 1024 * 1024,  # Tornado's default; a declared larger body gets 413
+    max_header_size: int = 64 * 1024,  # Tornado's default; a larger request head gets 414 or 431
+    header_timeout: float = 20.0,  # a new connection's first request head (Apache's mod_reqtimeout)
     idle_timeout: float = 75.0,  # above nginx's 60 s upstream keep-alive, so nginx closes first
     body_timeout: float | None = 300.0,  # a whole request body, however slowly it trickles
     grace_period: float = 30.0,  # gunicorn's default graceful timeout
@@ -902,7 +1051,9 @@ def serve(
         "xheaders": xheaders,
         "no_keep_alive": no_keep_alive,
         "max_body_size": max_body_size,
-        "idle_connection_timeout": idle_timeout,
+        "max_header_size": max_header_size,
+        "header_timeout": header_timeout,
+        "idle_timeout": idle_timeout,
         "body_timeout": body_timeout,
     }
 
@@ -980,7 +1131,7 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
     """Log one line per request on the ``django.server`` logger, which Django's default logging shows."""
     status = handler.get_status()
     request = handler.request
-    level = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
+    level = logging.ERROR if status >= 500 and status != 501 else logging.WARNING if status >= 400 else logging.INFO
     _server_logger.log(
         level,
         '"%s %s %s" %d %.1fms %s',
@@ -1006,7 +1157,7 @@ async def _serve_until_signalled(
     stdout: TextIO,
 ) -> bool:
     """Serve until SIGTERM (or SIGINT), then shut down gracefully; True if nothing was cut off."""
-    server = tornado.httpserver.HTTPServer(app, **server_options)
+    server = _HTTPServer(app, **server_options)
     server.add_sockets(sockets)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
