@@ -414,6 +414,7 @@ class DjangoHandler(tornado.web.RequestHandler):
         self._headers_sent = False
         self._abandoned = False  # ended without the view's answer
         self._done = False
+        self._body_complete = False  # get() runs only once the whole body has arrived
 
     # Request body: collected here so Tornado does not parse forms Django will parse.
 
@@ -446,6 +447,7 @@ class DjangoHandler(tornado.web.RequestHandler):
 
     async def get(self) -> None:
         """Hand the request to Django, then write what it answers."""
+        self._body_complete = True
         if self.request.connection.stream.closed():
             # The client left as it sent the request: Tornado (6.3 to 6.5) sets no
             # close callback then, so say it ourselves (its waiters must not leak).
@@ -660,6 +662,8 @@ class DjangoHandler(tornado.web.RequestHandler):
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
+        if not self._body_complete:  # the client left mid-body: Tornado will call neither get() nor finish()
+            self.bridge.handler_finished(self)
         if self._task is not None:
             self._task.cancel()
         self._abandon()
@@ -1187,16 +1191,36 @@ async def _serve_until_signalled(
         "signal again to stop at once.\n"
     )
     stdout.flush()
-    server.stop()
     # Requests read from now on get "Connection: close"; HTTP1ConnectionParameters
-    # is shared by every connection of this server (Tornado 6.3-6.5).
+    # is shared by every connection of this server (Tornado 6.3-6.6).
     server.conn_params.no_keep_alive = True
+    server.first_request_params.no_keep_alive = True
+    _stop_listening(server, sockets)
     drained = await bridge.drain(grace_period)
     if not drained:
         _logger.warning("%d requests still running after %s s were cut off", len(bridge.active_handlers), grace_period)
     await server.close_all_connections()
     bridge.shutdown(wait=drained)
     return drained
+
+
+def _stop_listening(server: _HTTPServer, sockets: list[socket.socket]) -> None:
+    """Stop accepting connections, but serve those the kernel has already queued.
+
+    Closing a listening socket resets the connections waiting in its backlog,
+    whose clients may well have sent their request already.
+    """
+    for listening in sockets:
+        while True:
+            try:
+                connection, address = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionAbortedError:
+                continue
+            stream = tornado.iostream.IOStream(connection, max_buffer_size=server.max_buffer_size, read_chunk_size=server.read_chunk_size)
+            server.handle_stream(stream, address)
+    server.stop()
 
 
 def _supervise(processes: int, run_worker: Callable[[bool], bool]) -> None:

@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import queue
+import select
 import shutil
 import signal
 import socket
@@ -951,7 +952,64 @@ def echo(request):
         "secure": request.is_secure(),
     })
 
-urlpatterns = [path("state", state), path("slow", slow), path("park", park), path("echo", echo)]
+# For the disconnect storms: every waiter, generator and Django request in flight is counted.
+import asyncio, threading
+from django.core.signals import request_finished, request_started
+from django.http import StreamingHttpResponse
+
+tally = {"started": 0, "finished": 0, "generators": 0}
+tally_lock = threading.Lock()
+waiters = set()
+
+def count(key, step=1):
+    with tally_lock:
+        tally[key] += step
+
+request_started.connect(lambda **kwargs: count("started"), weak=False)
+request_finished.connect(lambda **kwargs: count("finished"), weak=False)
+
+@asynchronous
+def hold(request, handler):
+    waiters.add(handler)
+    handler.add_disconnect_callback(lambda: waiters.discard(handler))
+
+def endless_sync():
+    count("generators")
+    try:
+        while True:
+            yield b"x" * 100
+            time.sleep(0.005)
+    finally:
+        count("generators", -1)
+
+async def endless_async():
+    count("generators")
+    try:
+        while True:
+            yield b"x" * 100
+            await asyncio.sleep(0.005)
+    finally:
+        count("generators", -1)
+
+def endless(request, kind):
+    return StreamingHttpResponse(endless_sync() if kind == "sync" else endless_async())
+
+@asynchronous
+def census(request, handler):
+    with open("/proc/self/status") as status:
+        rss = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+    return JsonResponse({
+        "waiters": len(waiters),
+        "generators": tally["generators"],
+        "unclosed": tally["started"] - tally["finished"] - 1,  # this request is not finished yet
+        "handlers": len(handler.bridge.active_handlers) - 1,
+        "rss": rss,
+    })
+
+urlpatterns = [
+    path("state", state), path("slow", slow), path("park", park), path("echo", echo),
+    path("hold", hold), path("endless/<kind>", endless), path("census", census),
+]
 """,
 }
 
@@ -1242,6 +1300,7 @@ def strict(project):
     with running(project, "strict_server.py", "127.0.0.1:0", settings_module="strict_settings") as server:
         (url,) = server.wait_for_banner()
         server.port = int(url.rsplit(":", 1)[1].strip("/"))
+        server.url = lambda path: url.rstrip("/") + path
         server.probes = 0
         yield server
 
@@ -1424,6 +1483,203 @@ def test_the_413_reaches_a_client_still_sending_its_large_body(strict):
     response = requests.post(f"http://127.0.0.1:{strict.port}/echo", data=b"x" * 20_000_000, timeout=TIMEOUT)
     assert response.status_code == 413
     assert response.headers["Connection"] == "close"
+
+
+def test_slow_clients_neither_starve_a_normal_one_nor_outlive_their_timeouts(strict):
+    head = b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"x" * 100
+    slow_heads = [socket.create_connection(("127.0.0.1", strict.port), timeout=TIMEOUT) for _ in range(500)]
+    slow_bodies = [socket.create_connection(("127.0.0.1", strict.port), timeout=TIMEOUT) for _ in range(50)]
+    for connection in slow_bodies:
+        connection.sendall(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n")
+    started = time.monotonic()
+    closed_after = {}
+    slowest_normal = 0.0
+    try:
+        for second in range(7):  # one byte per second from each slow client
+            for connection in slow_heads + slow_bodies:
+                if connection not in closed_after:
+                    with contextlib.suppress(OSError):  # closed by the server meanwhile
+                        connection.send(head[second : second + 1] if connection in slow_heads else b"x")
+            while time.monotonic() < started + second + 1:
+                sent = time.monotonic()
+                assert get(strict, "/echo").status_code == 200
+                slowest_normal = max(slowest_normal, time.monotonic() - sent)
+                readable, _, _ = select.select([c for c in slow_heads + slow_bodies if c not in closed_after], [], [], 0.1)
+                for connection in readable:
+                    with contextlib.suppress(OSError):
+                        if connection.recv(1024) == b"":
+                            closed_after[connection] = time.monotonic() - started
+    finally:
+        for connection in slow_heads + slow_bodies:
+            connection.close()
+    assert slowest_normal < 1
+    heads_closed = [closed_after.get(connection, 99) for connection in slow_heads]
+    bodies_closed = [closed_after.get(connection, 99) for connection in slow_bodies]
+    assert 1.5 < min(heads_closed) and max(heads_closed) < 3.5  # header_timeout=2, not idle_timeout=4
+    assert 2.5 < min(bodies_closed) and max(bodies_closed) < 4.5  # body_timeout=3
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout(strict):
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=TIMEOUT) as connection:
+        connection.sendall(b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        response.read()
+        answered = time.monotonic()
+        assert connection.recv(1) == b""  # blocks until the server closes
+        idle = time.monotonic() - answered
+    assert 3.5 < idle < 6  # idle_timeout=4, not the 2 s header timeout of a new connection
+
+
+# -- Faults: clients that leave, workers that die, shutdown under load ---------------
+
+
+async def disconnect_storm(port, clients):
+    """``clients`` connections that leave mid-body, mid-stream (sync and async) and mid-long-poll."""
+    limit = asyncio.Semaphore(200)
+    requests_by_kind = [
+        b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500,
+        b"GET /endless/sync HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET /endless/async HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET /hold HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    ]
+
+    async def client(number):
+        async with limit:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), TIMEOUT)
+            kind = number % len(requests_by_kind)
+            writer.write(requests_by_kind[kind])
+            await writer.drain()
+            if kind in (1, 2):
+                await asyncio.wait_for(reader.readuntil(b"x"), TIMEOUT)  # the stream has begun
+            else:
+                await asyncio.sleep(0.002 * (number % 7))  # leave at various moments
+            if number % 2:
+                writer.transport.abort()  # a reset
+            else:
+                writer.close()  # a clean close
+
+    await asyncio.gather(*(client(number) for number in range(clients)))
+
+
+def census_when_settled(url):
+    """The server's counts once everything in flight is gone (within 5 s), or fail."""
+    deadline = time.monotonic() + 5
+    while True:
+        census = requests.get(url + "census", timeout=TIMEOUT).json()
+        if not any(census[key] for key in ("waiters", "generators", "unclosed", "handlers")):
+            return census
+        assert time.monotonic() < deadline, f"not back to zero 5 s after the storm: {census}"
+        time.sleep(0.1)
+
+
+def test_disconnect_storms_leave_nothing_behind_and_memory_flat(project):
+    with running(project, *runtornado("--threads", "4", "127.0.0.1:0")) as server:
+        (url,) = server.wait_for_banner()
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        asyncio.run(disconnect_storm(port, 10_000))  # warm-up: CPython keeps memory it has freed
+        after_first = census_when_settled(url)
+        asyncio.run(disconnect_storm(port, 10_000))
+        after_second = census_when_settled(url)
+        assert requests.get(url + "state", timeout=TIMEOUT).status_code == 200
+        assert server.stop() == 0
+    assert after_second["rss"] - after_first["rss"] < 30 * 1024 * 1024
+    assert not any("Traceback" in line for line in server.output)
+
+
+class FaultyMiddleware:
+    """Raises on the way in or out when the query asks it to."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if "fail-in" in request.GET:
+            raise RuntimeError("the middleware broke on the way in")
+        response = self.get_response(request)
+        if "fail-out" in request.GET:
+            raise RuntimeError("the middleware broke on the way out")
+        return response
+
+
+@pytest.mark.parametrize("path", ["/fast", "/answer-at-once", "/coroutine", "/wait"])
+@pytest.mark.parametrize("where", ["fail-in", "fail-out"])
+def test_an_exception_in_middleware_ends_that_request_with_500_and_nothing_else(database, path, where):
+    with override_settings(MIDDLEWARE=[*settings.MIDDLEWARE, f"{__name__}.FaultyMiddleware"]), LiveServer(make_app(threads=2)) as live:
+        assert get(live, f"{path}?{where}=1").status_code == 500
+        assert get(live, "/fast").status_code == 200
+        wait_for(lambda: not live.app.django_bridge.active_handlers)  # a parked /wait did not stay parked
+        assert waiters == []
+
+
+def test_a_worker_killed_under_load_is_replaced_while_the_others_serve(project):
+    with running(project, *runtornado("--processes", "2", "127.0.0.1:0")) as server:
+        (url,) = server.wait_for_banner()
+        outcomes = []  # (time, pid or None for an error)
+        stop_load = threading.Event()
+
+        def load():
+            while not stop_load.is_set():
+                try:
+                    outcomes.append((time.monotonic(), requests.get(url + "state", timeout=TIMEOUT).json()["pid"]))
+                except requests.RequestException:
+                    outcomes.append((time.monotonic(), None))
+
+        clients = [threading.Thread(target=load) for _ in range(4)]
+        for client in clients:
+            client.start()
+        try:
+            wait_for(lambda: len({pid for _, pid in outcomes} - {None}) == 2, TIMEOUT)
+            victim = outcomes[-1][1]
+            os.kill(victim, signal.SIGKILL)
+            killed = time.monotonic()
+            server.wait_for_line(f"(pid {victim}) exited with code -9; starting a new one")
+            wait_for(lambda: len({pid for _, pid in outcomes if pid is not None} - {victim}) == 2, TIMEOUT)  # the replacement serves
+        finally:
+            stop_load.set()
+            for client in clients:
+                client.join(TIMEOUT)
+        after_kill = [pid for at, pid in outcomes if at > killed]
+        assert after_kill.count(None) <= 4  # at most the requests in flight on the killed worker
+        assert len([pid for pid in after_kill if pid is not None]) > 10  # the other worker went on serving
+        assert server.stop() == 0
+
+
+def test_sigterm_under_load_answers_every_request_it_accepted_and_exits_0(project):
+    with running(project, *runtornado("--grace-period", "5", "127.0.0.1:0")) as server:
+        (url,) = server.wait_for_banner()
+        answers, dropped = [], []
+        stop_load = threading.Event()
+
+        def call(path):
+            try:
+                answers.append((path, requests.get(url + path, timeout=TIMEOUT, headers={"Connection": "close"}).status_code))
+            except requests.ConnectionError as error:
+                if "Connection refused" not in str(error):  # refused at connect: never accepted
+                    dropped.append((path, repr(error)))
+                return False
+            return True
+
+        def load():
+            while call("state") and not stop_load.is_set():
+                pass
+
+        clients = [threading.Thread(target=load) for _ in range(6)]
+        clients += [threading.Thread(target=call, args=(path,)) for path in ["slow?seconds=1.5", "slow?seconds=1.5", "park", "park"]]
+        for client in clients:
+            client.start()
+        server.wait_for_lines("slow view started", "long-poll parked")
+        started = time.monotonic()
+        try:
+            assert server.stop(signal.SIGTERM) == 0
+            assert time.monotonic() - started < 5
+        finally:
+            stop_load.set()
+            for client in clients:
+                client.join(TIMEOUT)
+    assert dropped == []
+    assert sorted(status for path, status in answers if path != "state") == [200, 200, 503, 503]
+    assert {status for path, status in answers if path == "state"} == {200}
 
 
 # -- chat_example.py: node_chat's room, run as a newcomer runs it ---------------------
