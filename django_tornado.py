@@ -1019,10 +1019,19 @@ def serve(
     worker that dies, and in-memory state is then per process. ``reload=True``
     restarts the process when a source file changes (one process only).
 
-    ``handlers``, ``threads``, ``static`` and ``tornado_settings`` go to ``make_app``;
-    ``xheaders``, ``no_keep_alive``, ``max_body_size``, ``idle_timeout`` (an idle
-    keep-alive connection, or one whose headers have not arrived) and
-    ``body_timeout`` to Tornado's HTTPServer. ``startup`` callables (or dotted
+    ``handlers``, ``threads``, ``static`` and ``tornado_settings`` go to ``make_app``.
+    ``xheaders`` trusts X-Real-IP, X-Forwarded-For and X-Forwarded-Proto (behind
+    a proxy only); ``no_keep_alive`` closes each connection after one answer.
+
+    Limits, enforced before Django sees a request: a request head over
+    ``max_header_size`` bytes gets 414 or 431, a declared body over
+    ``max_body_size`` 413 (a chunked body that grows past it, Tornado's 400), a
+    malformed head 400. A new connection has ``header_timeout`` seconds to send
+    its first request head, a kept-alive one ``idle_timeout`` seconds for the
+    next, a body ``body_timeout`` seconds (None: no limit); then the connection
+    is closed.
+
+    ``startup`` callables (or dotted
     paths), then those in ``settings.TORNADO_STARTUP``, run in each worker once
     its IOLoop is up; a coroutine is awaited. The banner goes to ``stdout``
     (default ``sys.stdout``).
@@ -1044,6 +1053,9 @@ def serve(
         raise ValueError("reload restarts a single process; it cannot be combined with processes > 1")
     if threads is not None and threads < 0:
         raise ValueError(f"threads must be 0 or more, not {threads!r}")
+    for name, limit in [("max_body_size", max_body_size), ("max_header_size", max_header_size), ("header_timeout", header_timeout), ("idle_timeout", idle_timeout), ("body_timeout", body_timeout)]:
+        if limit is not None and limit <= 0:
+            raise ValueError(f"{name} must be more than 0, not {limit!r}")
     stdout = stdout or sys.stdout
     if not apps.ready:
         django.setup(set_prefix=False)
@@ -1271,6 +1283,9 @@ def _supervise(processes: int, run_worker: Callable[[bool], bool]) -> None:
 # -- The runtornado command and python -m django_tornado -----------------------
 
 
+_LIMIT_OPTIONS = ("max_body_size", "header_timeout", "idle_timeout", "body_timeout")
+
+
 class Command(BaseCommand):
     """``manage.py runtornado``: serve the project on Tornado, shaped like runserver."""
 
@@ -1286,6 +1301,10 @@ class Command(BaseCommand):
         parser.add_argument("--xheaders", action="store_true", help="Trust X-Real-IP, X-Forwarded-For and X-Forwarded-Proto (behind a proxy only).")
         parser.add_argument("--nokeepalive", action="store_true", help="Close each connection after one request.")
         parser.add_argument("--grace-period", type=float, default=30.0, help="Seconds in-flight requests get to finish on SIGTERM (default: 30).")
+        parser.add_argument("--max-body-size", type=int, help="Largest request body in bytes; larger ones get 413 (default: 100 MiB).")
+        parser.add_argument("--header-timeout", type=float, help="Seconds a new connection has to send its request head (default: 20).")
+        parser.add_argument("--idle-timeout", type=float, help="Seconds an idle keep-alive connection stays open (default: 75).")
+        parser.add_argument("--body-timeout", type=float, help="Seconds a request body may take to arrive (default: 300).")
         parser.add_argument("--nostatic", action="store_true", help="Do not serve static files (served with DEBUG, as runserver does).")
         parser.add_argument("--insecure", action="store_true", help="Serve static files even with DEBUG off.")
         parser.add_argument("--skip-checks", action="store_true", help="Skip system checks.")
@@ -1303,9 +1322,11 @@ class Command(BaseCommand):
         self.check_migrations()
         # As runserver does when django.contrib.staticfiles is installed.
         static = (settings.DEBUG or options["insecure"]) and not options["nostatic"] and apps.is_installed("django.contrib.staticfiles")
+        limits = {name: options[name] for name in _LIMIT_OPTIONS if options[name] is not None}  # else serve()'s defaults
         try:
             serve(
                 addresses,
+                **limits,
                 threads=options["threads"],
                 static=static,
                 processes=options["processes"],

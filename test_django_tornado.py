@@ -1153,6 +1153,20 @@ def test_worker_processes_share_the_port_and_a_dead_worker_is_replaced(project):
         assert server.stop() == 0
 
 
+def test_runtornado_passes_its_limits_to_the_server(project):
+    with running(project, *runtornado("--max-body-size", "10", "--header-timeout", "1", "127.0.0.1:0")) as server:
+        (url,) = server.wait_for_banner()
+        assert requests.post(url + "echo", data=b"x" * 11, timeout=TIMEOUT).status_code == 413
+        assert requests.post(url + "echo", data=b"x" * 10, timeout=TIMEOUT).json()["body_length"] == 10
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as slow_client:
+            slow_client.sendall(b"GET /echo HTTP/1.1\r\n")
+            started = time.monotonic()
+            assert slow_client.recv(1) == b""  # closed by the server
+            assert time.monotonic() - started < 3
+        assert server.stop() == 0
+
+
 def test_reload_restarts_the_server_when_a_source_file_changes(project):
     with running(project, *runtornado("--reload", "127.0.0.1:0")) as server:
         server.wait_for_banner()
@@ -1243,6 +1257,7 @@ def busy_port():
         (["192.0.2.1:8000"], "CommandError: Can't listen on http://192.0.2.1:8000/: that IP address is not one of this machine's"),
         (["--reload", "--processes", "2", "8000"], "CommandError: reload restarts a single process"),
         (["--threads", "-1", "8000"], "CommandError: threads must be 0 or more, not -1"),
+        (["--header-timeout", "0", "8000"], "CommandError: header_timeout must be more than 0, not 0.0"),
     ],
 )
 def test_bad_arguments_exit_non_zero_with_one_clear_line(project, busy_port, arguments, message):
