@@ -1189,6 +1189,17 @@ async def _serve_until_signalled(
         # A supervised worker ignores SIGINT: Ctrl-C reaches every process of the
         # terminal's group, and the parent turns it into one SIGTERM per worker.
         loop.add_signal_handler(signal.SIGINT, on_signal, signal.SIGINT)
+    else:
+        parent = os.getppid()
+
+        def stop_if_orphaned() -> None:
+            # The parent was killed (kill -9 sends its workers nothing): stop gracefully
+            # rather than serve on unsupervised, as gunicorn's workers do.
+            if os.getppid() != parent and not stop.is_set():
+                _logger.warning("Worker (pid %d): the parent process is gone; stopping", os.getpid())
+                stop.set()
+
+        tornado.ioloop.PeriodicCallback(stop_if_orphaned, 1000).start()
     if reload:
         tornado.autoreload.start()
     for callback in startup_callbacks:

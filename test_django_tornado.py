@@ -1167,6 +1167,17 @@ def test_runtornado_passes_its_limits_to_the_server(project):
         assert server.stop() == 0
 
 
+def test_workers_stop_when_their_parent_is_killed(project):
+    with running(project, *runtornado("--processes", "2", "127.0.0.1:0")) as server:
+        (url,) = server.wait_for_banner()
+        workers = set()
+        while len(workers) < 2:  # each new connection lands on either worker
+            workers.add(requests.get(url + "state", timeout=TIMEOUT).json()["pid"])
+        server.process.kill()
+        server.wait_for_lines(*(f"Worker (pid {pid}): the parent process is gone; stopping" for pid in workers))
+        wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), TIMEOUT)  # reaped by init
+
+
 def test_reload_restarts_the_server_when_a_source_file_changes(project):
     with running(project, *runtornado("--reload", "127.0.0.1:0")) as server:
         server.wait_for_banner()
