@@ -73,6 +73,7 @@ import tornado.autoreload
 import tornado.concurrent
 import tornado.escape
 import tornado.gen
+import tornado.http1connection
 import tornado.httpserver
 import tornado.httputil
 import tornado.ioloop
@@ -873,13 +874,12 @@ class _RequestGuard(tornado.httputil.HTTPMessageDelegate):
     (before a ``100 Continue`` invites it), 417 for an Expect it cannot meet.
     """
 
-    def __init__(self, delegate: tornado.httputil.HTTPMessageDelegate, connection: Any, max_header_size: int, max_body_size: int) -> None:
-        self.delegate = delegate
+    def __init__(self, server: _HTTPServer, connection: tornado.http1connection.HTTP1Connection, delegate: tornado.httputil.HTTPMessageDelegate) -> None:
+        self.server = server
         self.connection = connection
-        self.max_header_size = max_header_size
-        self.max_body_size = max_body_size
+        self.delegate = delegate
 
-    def headers_received(self, start_line: Any, headers: tornado.httputil.HTTPHeaders) -> Awaitable[None] | None:
+    def headers_received(self, start_line: tornado.httputil.RequestStartLine, headers: tornado.httputil.HTTPHeaders) -> Awaitable[None] | None:
         refusal = self._refusal(start_line, headers)
         if refusal is None:
             return self.delegate.headers_received(start_line, headers)
@@ -888,17 +888,20 @@ class _RequestGuard(tornado.httputil.HTTPMessageDelegate):
         uri = start_line.path if len(start_line.path) <= 200 else start_line.path[:200] + "..."
         _server_logger.warning('"%s %s %s" %d %s (%s)', start_line.method, uri, start_line.version, status, address, detail)
         # Stop Tornado reading this connection (detach is meant for this moment) and answer on it directly.
-        asyncio.ensure_future(_refuse(self.connection.detach(), status, detail))
+        refusal_task = asyncio.ensure_future(_refuse(self.connection.detach(), status, detail))
+        self.server.refusals.add(refusal_task)  # a task nobody references may vanish mid-way
+        refusal_task.add_done_callback(self.server.refusals.discard)
         return None
 
-    def _refusal(self, start_line: Any, headers: tornado.httputil.HTTPHeaders) -> tuple[int, str] | None:
+    def _refusal(self, start_line: tornado.httputil.RequestStartLine, headers: tornado.httputil.HTTPHeaders) -> tuple[int, str] | None:
         """Return (status, reason) if this request must not go on, else None."""
-        if len(start_line.path) > self.max_header_size:
-            return 414, f"the request target is over {self.max_header_size} bytes"
+        max_header_size, max_body_size = self.server.max_header_size, self.server.max_body_size
+        if len(start_line.path) > max_header_size:
+            return 414, f"the request target is over {max_header_size} bytes"
         fields = list(headers.get_all())
         names, values = "".join(name for name, _ in fields), "".join(value for _, value in fields)
-        if len(start_line.path) + len(names) + len(values) + 4 * len(fields) > self.max_header_size:
-            return 431, f"the request head is over {self.max_header_size} bytes"
+        if len(start_line.path) + len(names) + len(values) + 4 * len(fields) > max_header_size:
+            return 431, f"the request head is over {max_header_size} bytes"
         if not _TOKEN.fullmatch(names) or not all(name for name, _ in fields) or _FORBIDDEN_IN_VALUES.search(values):
             # RFC 9110 section 5: Tornado before 6.5 lets these through, and a
             # stray CR or NUL in a header Django reads is a smuggling risk.
@@ -914,8 +917,8 @@ class _RequestGuard(tornado.httputil.HTTPMessageDelegate):
                 return 400, "both Transfer-Encoding and Content-Length"  # RFC 9112 section 6.1: a smuggling sign
             if headers["Transfer-Encoding"].lower() != "chunked":
                 return 501, f"can't decode Transfer-Encoding: {headers['Transfer-Encoding']}"  # RFC 9112 section 6.1
-        if "Content-Length" in headers and headers["Content-Length"].isdigit() and int(headers["Content-Length"]) > self.max_body_size:
-            return 413, f"the body is over {self.max_body_size} bytes"
+        if "Content-Length" in headers and headers["Content-Length"].isdigit() and int(headers["Content-Length"]) > max_body_size:
+            return 413, f"the body is over {max_body_size} bytes"
         return None
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
@@ -979,13 +982,14 @@ class _HTTPServer(tornado.httpserver.HTTPServer):
         self.first_request_params = copy.copy(self.conn_params)
         self.first_request_params.header_timeout = header_timeout
         self._connections_seen: weakref.WeakSet[object] = weakref.WeakSet()
+        self.refusals: set[asyncio.Future[None]] = set()  # answers of refused requests, being written
 
-    def start_request(self, server_conn: object, request_conn: Any) -> tornado.httputil.HTTPMessageDelegate:
+    def start_request(self, server_conn: object, request_conn: tornado.http1connection.HTTP1Connection) -> tornado.httputil.HTTPMessageDelegate:
         if server_conn not in self._connections_seen:
             self._connections_seen.add(server_conn)
             request_conn.params = self.first_request_params  # read when Tornado starts waiting for the head
         delegate = super().start_request(server_conn, request_conn)
-        return _RequestGuard(delegate, request_conn, self.max_header_size, self.max_body_size)
+        return _RequestGuard(self, request_conn, delegate)
 
 
 def serve(
