@@ -1677,20 +1677,21 @@ def test_sigterm_under_load_answers_every_request_it_accepted_and_exits_0(projec
         answers, dropped = [], []
         stop_load = threading.Event()
 
-        def call(path):
+        def call(path, client=requests):
             try:
-                answers.append((path, requests.get(url + path, timeout=TIMEOUT, headers={"Connection": "close"}).status_code))
+                answers.append((path, client.get(url + path, timeout=TIMEOUT).status_code))
             except requests.ConnectionError as error:
                 if "Connection refused" not in str(error):  # refused at connect: never accepted
                     dropped.append((path, repr(error)))
                 return False
             return True
 
-        def load():
-            while call("state") and not stop_load.is_set():
+        def load(client):
+            while call("state", client) and not stop_load.is_set():
                 pass
 
-        clients = [threading.Thread(target=load) for _ in range(6)]
+        # New connections, and kept-alive ones (which get "Connection: close" once the server stops).
+        clients = [threading.Thread(target=load, args=(requests.Session() if number % 2 else requests,)) for number in range(6)]
         clients += [threading.Thread(target=call, args=(path,)) for path in ["slow?seconds=1.5", "slow?seconds=1.5", "park", "park"]]
         for client in clients:
             client.start()
