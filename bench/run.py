@@ -15,6 +15,7 @@ bench/requirements.txt, installed on demand; wrk from the OS (apt-get install wr
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import datetime
 import importlib.util
@@ -28,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -146,16 +148,23 @@ def children(pid: int) -> list[int]:
 
 
 def wrk(url: str, seconds: float, connections: int) -> dict:
-    """Requests/s and p99 latency (ms) from wrk on CPU 1."""
+    """Requests/s, p99 latency (ms), requests and error counts from wrk on CPU 1."""
     output = subprocess.run(
         [*taskset("1"), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s", url],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, timeout=seconds + 60,  # wrk stops itself; this is for a wedged wrk
     ).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", output)
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", output)
     scale = {"us": 0.001, "ms": 1, "s": 1000}[p99.group(2)]
-    return {"rps": rate, "p99_ms": float(p99.group(1)) * scale, "errors": bool(errors)}
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return {
+        "rps": rate, "p99_ms": float(p99.group(1)) * scale, "errors": bool(errors),
+        "requests": int(re.search(r"(\d+) requests in", output).group(1)),
+        "socket_errors": sum(int(count) for count in socket_errors.groups()) if socket_errors else 0,
+        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+    }
 
 
 # -- Scenarios -------------------------------------------------------------------------
@@ -269,76 +278,241 @@ async def fan_out(server: Server, waiters: int) -> dict:
     }
 
 
-def chat_end_to_end(receivers: int, seconds: float, rate: float) -> dict:
-    """Scenario 6: chat_example.py with ``receivers`` long-polls and one sender at ``rate`` msg/s."""
-    port = free_port()
-    process = subprocess.Popen([*taskset("0"), PY, os.path.join(ROOT, "chat_example.py"), f"127.0.0.1:{port}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(base + "/who", timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "chat_example.py did not start"
-                time.sleep(0.1)
-        with urllib.request.urlopen(base + "/join?nick=bench", timeout=5) as response:
-            session = json.load(response)["id"]
-        return asyncio.run(chat_load(port, session, receivers, seconds, rate))
-    finally:
-        os.killpg(process.pid, 15)
-        process.wait(15)
-
-
-async def chat_load(port: int, session: str, receivers: int, seconds: float, rate: float) -> dict:
-    since = int(time.time() * 1000)
-    latencies: list[float] = []
-    delivered = [0]
-    stop = asyncio.Event()
-
-    async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> dict:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, *,
+                   form: str | None = None, timeout: float = 10) -> tuple[int, bytes]:
+    """One request on a kept-alive connection: GET ``path`` (POST ``form`` if given); return status and body."""
+    body = b"" if form is None else form.encode()
+    head = f"{'GET' if form is None else 'POST'} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    if form is not None:
+        head += f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n"
+    writer.write(head.encode() + b"\r\n" + body)
+    async with asyncio.timeout(timeout):
         head = await reader.readuntil(b"\r\n\r\n")
-        return json.loads(await reader.readexactly(int(re.search(rb"Content-Length: (\d+)", head).group(1))))
+        length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        if length is None:
+            raise ValueError(f"expected a Content-Length, not {head[:300]!r}")
+        return int(head.split(b" ", 2)[1]), await reader.readexactly(int(length.group(1)))
 
-    async def receive() -> None:
-        cursor = since
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        while not stop.is_set():
-            answer = await exchange(reader, writer, f"/recv?since={cursor}")
-            now = time.time()
-            for message in answer["messages"]:
-                cursor = max(cursor, message["timestamp"])
-                if message["type"] == "msg":
-                    latencies.append(now - float(message["text"]))
-                    delivered[0] += 1
-        writer.close()
 
-    async def send() -> int:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        sent, started = 0, time.monotonic()
-        while time.monotonic() - started < seconds:
-            await exchange(reader, writer, f"/send?id={session}&text={time.time():.6f}")
-            sent += 1
-            await asyncio.sleep(max(0.0, started + sent / rate - time.monotonic()))
-        writer.close()
-        return sent
+def chat_end_to_end(receivers: int, seconds: float, rate: float, *, drain: float = 30) -> dict:
+    """Scenario 6: chat_example.py with ``receivers`` long-polls and one sender at ``rate`` msg/s.
 
-    tasks = [asyncio.ensure_future(receive()) for _ in range(receivers)]
-    await asyncio.sleep(1)  # let the receivers park
-    sent = await send()
-    await asyncio.sleep(1)
-    stop.set()
-    for task in tasks:
-        task.cancel()
-    latencies.sort()
+    The figures of chat_load, plus the server's log lines other than 2xx/3xx
+    access lines while it ran (``server_log_problems``, the first few in
+    ``server_log_sample``) and while it stopped (``shutdown_log_problems``).
+    """
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:  # every request is logged: too much for a pipe nobody reads meanwhile
+        process = subprocess.Popen([*taskset("0"), PY, os.path.join(ROOT, "chat_example.py"), f"127.0.0.1:{port}"],
+                                   stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    urllib.request.urlopen(base + "/who", timeout=1).close()
+                    break
+                except OSError:
+                    assert process.poll() is None and time.monotonic() < deadline, "chat_example.py did not start"
+                    time.sleep(0.1)
+            results = asyncio.run(chat_load(port, receivers, seconds, rate, drain=drain))
+            results["server_alive"] = process.poll() is None
+            deadline = time.monotonic() + 10
+            with contextlib.suppress(OSError, ValueError):  # let the room see its receivers leave
+                while time.monotonic() < deadline:
+                    with urllib.request.urlopen(base + "/stats", timeout=5) as response:
+                        if not json.load(response)["waiters"]:
+                            break
+                    time.sleep(0.1)
+            running_log = os.fstat(log.fileno()).st_size
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, 15)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+                process.wait()
+        log.seek(0)
+        lines = log.read().decode(errors="replace").splitlines(keepends=True)
+    problems: list[list[str]] = [[], []]  # while running, while stopping
+    position = 0
+    for line in lines:
+        if not re.search(r'" [23]\d\d ', line):
+            problems[position >= running_log].append(line.rstrip())
+        position += len(line.encode())
+    results["server_log_problems"] = len(problems[0])
+    results["server_log_sample"] = problems[0][:5]
+    results["shutdown_log_problems"] = len(problems[1])
+    return results
+
+
+class ChatTally:
+    """What one receiver got of the messages m0 .. m<total - 1>: each once, in the room's order."""
+
+    def __init__(self, total: int) -> None:
+        self.seen = bytearray(total)  # 1 where message n has arrived
+        self.received = self.duplicated = self.out_of_order = 0
+        self.last_stamp = 0
+
+    def take(self, number: int, stamp: int) -> None:
+        if self.seen[number]:
+            self.duplicated += 1
+            return
+        self.seen[number] = 1
+        self.received += 1
+        if stamp <= self.last_stamp:  # the room stamps messages in the order it posts them
+            self.out_of_order += 1
+        self.last_stamp = max(self.last_stamp, stamp)
+
+
+async def chat_load(port: int, receivers: int, seconds: float, rate: float, *, drain: float = 30) -> dict:
+    """Receivers join and long-poll as the chat page's script does; "m<n>" is posted at ``rate``/s for ``seconds``.
+
+    Each receiver polls /recv?since=<last timestamp>&id=<session> on its own
+    kept-alive connection (and /who after its first answer, as the page does).
+    Messages are posted (POST /send, as the page does) on a fixed schedule,
+    each on a free connection of one sender's session: one connection waiting
+    for each answer could not keep up the rate while the room is busy. Once
+    the last is sent, wait up to ``drain`` s for every receiver to have them
+    all; then count what each receiver lost, got twice or got out of the
+    room's order (its timestamps), and each delivery's send-to-receive latency.
+    """
+    sender_nick = "sender"
+    total = round(seconds * rate)
+    sent_at = [0.0] * total  # when message n was sent (monotonic)
+    latency_ms: collections.Counter[int] = collections.Counter()  # milliseconds -> deliveries
+    errors: collections.Counter[str] = collections.Counter()
+    caught = (OSError, EOFError, TimeoutError, ValueError, KeyError, IndexError, asyncio.LimitOverrunError)
+    Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+    async def connect() -> Connection:
+        return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
+
+    async def call(connection: Connection, path: str, form: str | None = None, timeout: float = 10) -> dict:
+        status, body = await exchange(*connection, path, form=form, timeout=timeout)
+        if status != 200:
+            raise ValueError(f"{path.partition('?')[0]} answered {status}: {body[:200]!r}")
+        return json.loads(body)
+
+    async def join(nick: str) -> tuple[Connection, str]:
+        connection = await connect()
+        try:
+            return connection, (await call(connection, f"/join?nick={nick}"))["id"]
+        except BaseException:
+            connection[1].close()
+            raise
+
+    async def receive(connection: Connection | None, session: str, tally: ChatTally) -> None:
+        since, failures, first = 1, 0, True  # the page starts from since=1
+        try:
+            while True:
+                try:
+                    connection = connection or await connect()
+                    # The room answers a quiet long-poll after 30 s (LONG_POLL_TIMEOUT).
+                    answer = await call(connection, f"/recv?since={since}&id={session}", timeout=45)
+                    now = time.monotonic()
+                    for message in answer["messages"]:
+                        since = max(since, message["timestamp"])
+                        if message["type"] == "msg" and message["nick"] == sender_nick:
+                            number = int(message["text"][1:])
+                            tally.take(number, message["timestamp"])
+                            latency_ms[round(1000 * (now - sent_at[number]))] += 1
+                    failures = 0
+                    if first:
+                        first = False
+                        await call(connection, "/who")
+                except caught as error:
+                    errors[f"receiver: {type(error).__name__}: {str(error)[:80]}"] += 1
+                    if connection is not None:
+                        connection[1].close()
+                    connection = None
+                    failures += 1
+                    await asyncio.sleep(min(30.0, 0.5 * 2**failures))  # the page's back-off
+        finally:
+            if connection is not None:
+                connection[1].close()
+
+    idle: list[Connection] = []
+    sending = [0, 0]  # sends in flight now, most at once
+
+    async def send(number: int, session: str) -> None:
+        connection = idle.pop() if idle else None
+        sending[0] += 1
+        sending[1] = max(sending)
+        try:
+            connection = connection or await connect()
+            sent_at[number] = time.monotonic()
+            await call(connection, "/send", form=f"id={session}&text=m{number}")
+            idle.append(connection)
+        except caught as error:
+            errors[f"sender: {type(error).__name__}: {str(error)[:80]}"] += 1
+            if connection is not None:
+                connection[1].close()
+        finally:
+            sending[0] -= 1
+
+    sender, session = await join(sender_nick)
+    idle.append(sender)
+    joined = []
+    for start in range(0, receivers, 200):  # join in batches, inside the listen backlog
+        joined += await asyncio.gather(*(join(f"r{number}") for number in range(start, min(start + 200, receivers))))
+    tallies = [ChatTally(total) for _ in range(receivers)]
+    tasks = [asyncio.ensure_future(receive(*receiver, tally)) for receiver, tally in zip(joined, tallies)]
+    sends: set[asyncio.Task] = set()
+    try:
+        monitor = await connect()
+        deadline = time.monotonic() + 60
+        while (waiting := (await call(monitor, "/stats"))["waiters"]) < receivers:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {waiting} of {receivers} receivers parked within 60 s")
+            await asyncio.sleep(0.1)
+        monitor[1].close()
+        started = time.monotonic()
+        for number in range(total):
+            await asyncio.sleep(max(0.0, started + number / rate - time.monotonic()))
+            task = asyncio.ensure_future(send(number, session))
+            sends.add(task)
+            task.add_done_callback(sends.discard)
+        sending_s = time.monotonic() - started
+        await asyncio.wait(sends, timeout=20)  # each send times out in 10 s anyway
+        deadline = time.monotonic() + drain
+        while any(tally.received < total for tally in tallies) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        drained = time.monotonic()
+    finally:
+        for task in [*tasks, *sends]:
+            task.cancel()
+        await asyncio.gather(*tasks, *sends, return_exceptions=True)
+        for connection in idle:
+            connection[1].close()
+    received = sum(tally.received for tally in tallies)
+
+    def percentile(fraction: float) -> float | None:
+        count, target = 0, fraction * sum(latency_ms.values())
+        for milliseconds in sorted(latency_ms):
+            count += latency_ms[milliseconds]
+            if count >= target:
+                return milliseconds
+        return None
+
     return {
-        "sent": sent,
-        "delivered_per_s": delivered[0] / seconds,
-        "expected_per_s": sent * receivers / seconds,
-        "p99_latency_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1] if latencies else None,
+        "sent": total,
+        "send_rate": (total - 1) / sending_s if total > 1 else None,
+        "most_sends_in_flight": sending[1],
+        "delivered": received,
+        "expected": total * receivers,
+        "lost": total * receivers - received,
+        "duplicated": sum(tally.duplicated for tally in tallies),
+        "out_of_order": sum(tally.out_of_order for tally in tallies),
+        "receivers_complete": sum(1 for tally in tallies if tally.received == total and tally.duplicated == tally.out_of_order == 0),
+        "errors": dict(errors),
+        "drain_s": drained - started - sending_s,
+        "delivered_per_s": received / (drained - started),
+        "expected_per_s": total * receivers / seconds,
+        "p50_latency_ms": percentile(0.50),
+        "p99_latency_ms": percentile(0.99),
+        "max_latency_ms": max(latency_ms, default=None),
     }
 
 
@@ -406,7 +580,8 @@ def report(data: dict) -> str:
         lines += ["**6. chat_example.py end to end**", "",
                   (f"{chat['receivers']} long-polling receivers, one sender at {chat['rate']} messages/s for {chat['seconds']} s: "
                    f"{chat['delivered_per_s']:,.0f} deliveries/s of {chat['expected_per_s']:,.0f} expected, "
-                   f"p99 send-to-receive latency {chat['p99_latency_ms']:.0f} ms."), ""]
+                   f"p99 send-to-receive latency {chat['p99_latency_ms']:.0f} ms; "
+                   f"{chat.get('lost', 'n/a')} lost, {chat.get('duplicated', 'n/a')} duplicated."), ""]
     return "\n".join(lines)
 
 
@@ -437,6 +612,12 @@ def chart(data: dict, path: str) -> None:
 # -- Main ----------------------------------------------------------------------------------
 
 
+def machine() -> str:
+    """The machine and the versions measured, for the reports."""
+    return (f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
+            f"Django {__import__('django').get_version()}, Tornado {__import__('tornado').version}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs and fewer waiters (under 10 minutes)")
@@ -451,8 +632,7 @@ def main() -> None:
     started = time.monotonic()
     data = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
-                   f"Django {__import__('django').get_version()}, Tornado {__import__('tornado').version}",
+        "machine": machine(),
         "seconds": seconds, "rounds": [], "streaming": {}, "fan_out": {},
     }
     names = list(SERVERS)
