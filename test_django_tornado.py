@@ -5,6 +5,7 @@ module's urlconf.
 """
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -1066,11 +1067,11 @@ class ServerProcess:
                 return line
 
     def wait_for_lines(self, *texts):
-        """Wait until a line containing each of ``texts`` has come, in any order."""
-        missing = set(texts)
+        """Wait until a line containing each of ``texts`` has come, in any order (a text given twice: two lines)."""
+        missing = collections.Counter(texts)
         while missing:
             line = self.wait_for_line("")
-            missing -= {text for text in missing if text in line}
+            missing -= collections.Counter(text for text in missing if text in line)
 
     def wait_for_banner(self):
         """Wait until the server listens; return its URLs."""
@@ -1695,7 +1696,7 @@ def test_sigterm_under_load_answers_every_request_it_accepted_and_exits_0(projec
         clients += [threading.Thread(target=call, args=(path,)) for path in ["slow?seconds=1.5", "slow?seconds=1.5", "park", "park"]]
         for client in clients:
             client.start()
-        server.wait_for_lines("slow view started", "long-poll parked")
+        server.wait_for_lines(*["slow view started", "long-poll parked"] * 2)
         started = time.monotonic()
         try:
             assert server.stop(signal.SIGTERM) == 0
