@@ -862,6 +862,7 @@ _LISTEN_BACKLOG = 2048
 _server_logger = logging.getLogger("django.server")  # runserver's access log, shown by Django's default logging
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]*")  # header names (RFC 9110 section 5.6.2)
 _FORBIDDEN_IN_VALUES = re.compile(r"[\r\n\0]")  # RFC 9110 section 5.5
+_ACCEPT_PAUSE = 0.5  # seconds without accepting after running out of file descriptors
 _LINGER_SECONDS = 5.0  # how long a refused request's unread body is drained before closing (nginx: lingering_timeout)
 
 
@@ -992,6 +993,66 @@ class _HTTPServer(tornado.httpserver.HTTPServer):
         return _RequestGuard(self, request_conn, delegate)
 
 
+class _Listener:
+    """Accept connections on ``sockets`` for ``server`` (in place of ``server.add_sockets``).
+
+    Two things Tornado's accept loop (6.3-6.6) does not do: when the process runs
+    out of file descriptors it raises on every turn of the IOLoop while the
+    socket stays readable, so the server spins writing tracebacks; here it stops
+    accepting for a moment and says so once, as asyncio's own servers do. And
+    closing drops the connections the kernel has queued; here they are served.
+    """
+
+    def __init__(self, server: _HTTPServer, sockets: list[socket.socket]) -> None:
+        self.server = server
+        self.sockets = sockets
+        self.loop = tornado.ioloop.IOLoop.current()
+        self._paused: object | None = None  # the timeout that resumes accepting
+        self._closed = False
+        self._listen()
+
+    def _listen(self) -> None:
+        self._paused = None
+        for listening in self.sockets:
+            self.loop.add_handler(listening, self._accept, tornado.ioloop.IOLoop.READ)
+
+    def _accept(self, listening: socket.socket, events: int = 0) -> None:
+        for _ in range(_LISTEN_BACKLOG):  # then let the IOLoop serve the others
+            try:
+                connection, address = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as error:
+                if error.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                _logger.warning("Can't accept connections (%s): pausing for %s s", error.strerror, _ACCEPT_PAUSE)
+                self._pause()
+                return
+            stream = tornado.iostream.IOStream(connection, max_buffer_size=self.server.max_buffer_size, read_chunk_size=self.server.read_chunk_size)
+            self.server.handle_stream(stream, address)
+
+    def _pause(self) -> None:
+        if self._closed:
+            return
+        for listening in self.sockets:
+            self.loop.remove_handler(listening)
+        self._paused = self.loop.call_later(_ACCEPT_PAUSE, self._listen)
+
+    def close(self) -> None:
+        """Stop listening, after serving the connections already waiting to be accepted."""
+        self._closed = True
+        if self._paused is not None:
+            self.loop.remove_timeout(self._paused)
+        else:
+            for listening in self.sockets:
+                self.loop.remove_handler(listening)
+        for listening in self.sockets:
+            self._accept(listening)
+            listening.close()
+
+
 def serve(
     addresses: Iterable[str | int] = ("8000",),
     *,
@@ -1064,6 +1125,7 @@ def serve(
         django.setup(set_prefix=False)
     startup = [*startup, *getattr(settings, "TORNADO_STARTUP", ())]
     startup_callbacks = [import_string(entry) if isinstance(entry, str) else entry for entry in startup]
+    _raise_open_file_limit()
     sockets = _bind(parsed)
     _print_banner(stdout, sockets, threads, processes, reload)
     server_options = {
@@ -1087,6 +1149,22 @@ def serve(
         _supervise(processes, run_worker)
     elif not run_worker(supervised=False):
         _exit_now(0)  # pool threads still running a view would keep the interpreter from exiting
+
+
+def _raise_open_file_limit() -> None:
+    """Let every parked connection have its file descriptor: raise the soft limit to the hard one.
+
+    The soft limit is often 1,024 while the hard one is far higher (Go's runtime
+    raises it the same way); a long-poll server needs one per waiting client.
+    """
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):  # some systems refuse RLIM_INFINITY
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _exit_now(code: int) -> None:
@@ -1177,7 +1255,7 @@ async def _serve_until_signalled(
 ) -> bool:
     """Serve until SIGTERM (or SIGINT), then shut down gracefully; True if nothing was cut off."""
     server = _HTTPServer(app, **server_options)
-    server.add_sockets(sockets)
+    listener = _Listener(server, sockets)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -1221,32 +1299,13 @@ async def _serve_until_signalled(
     # is shared by every connection of this server (Tornado 6.3-6.6).
     server.conn_params.no_keep_alive = True
     server.first_request_params.no_keep_alive = True
-    _stop_listening(server, sockets)
+    listener.close()
     drained = await bridge.drain(grace_period)
     if not drained:
         _logger.warning("%d requests still running after %s s were cut off", len(bridge.active_handlers), grace_period)
     await server.close_all_connections()
     bridge.shutdown(wait=drained)
     return drained
-
-
-def _stop_listening(server: _HTTPServer, sockets: list[socket.socket]) -> None:
-    """Stop accepting connections, but serve those the kernel has already queued.
-
-    Closing a listening socket resets the connections waiting in its backlog,
-    whose clients may well have sent their request already.
-    """
-    for listening in sockets:
-        while True:
-            try:
-                connection, address = listening.accept()
-            except (BlockingIOError, InterruptedError):
-                break
-            except ConnectionAbortedError:
-                continue
-            stream = tornado.iostream.IOStream(connection, max_buffer_size=server.max_buffer_size, read_chunk_size=server.read_chunk_size)
-            server.handle_stream(stream, address)
-    server.stop()
 
 
 def _supervise(processes: int, run_worker: Callable[[bool], bool]) -> None:

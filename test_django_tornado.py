@@ -907,6 +907,12 @@ import sys
 import django_tornado
 django_tornado.serve(sys.argv[1:], threads=4, max_body_size=4_000_000, header_timeout=2, body_timeout=3, idle_timeout=4)
 """,
+    "few_files_server.py": """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))  # soft and hard: serve() cannot raise it
+import django_tornado
+django_tornado.serve(sys.argv[1:], threads=2)
+""",
     "assets/hello.txt": "served by the staticfiles finders\n",
     "registered_app/__init__.py": "",
     "registered_app/management/__init__.py": "",
@@ -1177,6 +1183,24 @@ def test_workers_stop_when_their_parent_is_killed(project):
         server.process.kill()
         server.wait_for_lines(*(f"Worker (pid {pid}): the parent process is gone; stopping" for pid in workers))
         wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), TIMEOUT)  # reaped by init
+
+
+def test_running_out_of_file_descriptors_pauses_accepting_instead_of_spinning(project):
+    with running(project, "few_files_server.py", "127.0.0.1:0") as server:
+        (url,) = server.wait_for_banner()
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        flood = []
+        with contextlib.suppress(OSError):
+            for _ in range(100):  # more than the server has descriptors left
+                flood.append(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT))
+        server.wait_for_line("Can't accept connections (Too many open files): pausing for 0.5 s")
+        time.sleep(1)  # a second of being out of descriptors: two or three pauses, not a spin
+        for connection in flood:
+            connection.close()
+        assert requests.get(url + "state", timeout=TIMEOUT).status_code == 200
+        assert server.stop() == 0
+    assert not any("Traceback" in line for line in server.output)
+    assert sum("Can't accept connections" in line for line in server.output) < 10
 
 
 def test_reload_restarts_the_server_when_a_source_file_changes(project):
