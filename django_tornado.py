@@ -414,6 +414,7 @@ class DjangoHandler(tornado.web.RequestHandler):
         self._expiry: object | None = None
         self._headers_sent = False
         self._abandoned = False  # ended without the view's answer
+        self._client_left = False  # before any of the answer was sent
         self._done = False
         self._body_complete = False  # get() runs only once the whole body has arrived
 
@@ -663,6 +664,7 @@ class DjangoHandler(tornado.web.RequestHandler):
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
+        self._client_left = not self._done and not self._headers_sent
         if not self._body_complete:  # the client left mid-body: Tornado will call neither get() nor finish()
             self.bridge.handler_finished(self)
         if self._task is not None:
@@ -863,6 +865,7 @@ _server_logger = logging.getLogger("django.server")  # runserver's access log, s
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]*")  # header names (RFC 9110 section 5.6.2)
 _FORBIDDEN_IN_VALUES = re.compile(r"[\r\n\0]")  # RFC 9110 section 5.5
 _ACCEPT_PAUSE = 0.5  # seconds without accepting after running out of file descriptors
+_CLIENT_LEFT = 499  # logged for a request whose client left before its answer (nginx's convention)
 _LINGER_SECONDS = 5.0  # how long a refused request's unread body is drained before closing (nginx: lingering_timeout)
 
 
@@ -1226,9 +1229,12 @@ def _print_banner(stdout: TextIO, sockets: list[socket.socket], threads: int | N
 
 def _log_request(handler: tornado.web.RequestHandler) -> None:
     """Log one line per request on the ``django.server`` logger, which Django's default logging shows."""
-    status = handler.get_status()
+    if getattr(handler, "_client_left", False):
+        status, level = _CLIENT_LEFT, logging.INFO  # a closed tab, a long-poll given up: routine
+    else:
+        status = handler.get_status()
+        level = logging.ERROR if status >= 500 and status != 501 else logging.WARNING if status >= 400 else logging.INFO
     request = handler.request
-    level = logging.ERROR if status >= 500 and status != 501 else logging.WARNING if status >= 400 else logging.INFO
     _server_logger.log(
         level,
         '"%s %s %s" %d %.1fms %s',

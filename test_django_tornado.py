@@ -1539,6 +1539,15 @@ def test_the_413_reaches_a_client_still_sending_its_large_body(strict):
     assert response.headers["Connection"] == "close"
 
 
+def test_a_client_that_leaves_before_its_answer_is_logged_as_499(strict):
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=TIMEOUT) as connection:
+        connection.sendall(b"GET /hold?leaving=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        deadline = time.monotonic() + TIMEOUT
+        while requests.get(strict.url("/census"), timeout=TIMEOUT).json()["waiters"] == 0:  # parked
+            assert time.monotonic() < deadline
+    assert '"GET /hold?leaving=1 HTTP/1.1" 499' in strict.wait_for_line("/hold?leaving=1")
+
+
 def test_slow_clients_neither_starve_a_normal_one_nor_outlive_their_timeouts(strict):
     head = b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"x" * 100
     slow_heads = [socket.create_connection(("127.0.0.1", strict.port), timeout=TIMEOUT) for _ in range(500)]
