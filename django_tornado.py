@@ -875,27 +875,28 @@ class _RequestGuard(tornado.httputil.HTTPMessageDelegate):
     Tornado parses the message; this adds what RFC 9112 and the server's limits
     ask of the head: one Host on HTTP/1.1, a 414/431 instead of a cut connection
     for a head that is too large, 413 for a declared body over ``max_body_size``
-    (before a ``100 Continue`` invites it), 417 for an Expect it cannot meet.
+    (before a ``100 Continue`` invites it) or a chunked one that grows past it,
+    417 for an Expect it cannot meet.
     """
 
     def __init__(self, server: _HTTPServer, connection: tornado.http1connection.HTTP1Connection, delegate: tornado.httputil.HTTPMessageDelegate) -> None:
         self.server = server
         self.connection = connection
         self.delegate = delegate
+        self.start_line: tornado.httputil.RequestStartLine | None = None
+        self.chunked_body_left: int | None = None  # bytes a chunked body may still bring
+        self.refused = False
 
     def headers_received(self, start_line: tornado.httputil.RequestStartLine, headers: tornado.httputil.HTTPHeaders) -> Awaitable[None] | None:
+        self.start_line = start_line
         refusal = self._refusal(start_line, headers)
-        if refusal is None:
-            return self.delegate.headers_received(start_line, headers)
-        status, detail = refusal
-        address = getattr(self.connection.context, "remote_ip", "-")
-        uri = start_line.path if len(start_line.path) <= 200 else start_line.path[:200] + "..."
-        _server_logger.warning('"%s %s %s" %d %s (%s)', start_line.method, uri, start_line.version, status, address, detail)
-        # Stop Tornado reading this connection (detach is meant for this moment) and answer on it directly.
-        refusal_task = asyncio.ensure_future(_refuse(self.connection.detach(), status, detail))
-        self.server.refusals.add(refusal_task)  # a task nobody references may vanish mid-way
-        refusal_task.add_done_callback(self.server.refusals.discard)
-        return None
+        if refusal is not None:
+            # Stop Tornado reading this connection (detach is meant for this moment) and answer on it directly.
+            self._refuse(self.connection.detach(), *refusal)
+            return None
+        if "Transfer-Encoding" in headers:
+            self.chunked_body_left = self.server.max_body_size
+        return self.delegate.headers_received(start_line, headers)
 
     def _refusal(self, start_line: tornado.httputil.RequestStartLine, headers: tornado.httputil.HTTPHeaders) -> tuple[int, str] | None:
         """Return (status, reason) if this request must not go on, else None."""
@@ -926,16 +927,36 @@ class _RequestGuard(tornado.httputil.HTTPMessageDelegate):
         return None
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        if self.chunked_body_left is not None:
+            self.chunked_body_left -= len(chunk)
+            if self.chunked_body_left < 0 and not self.refused:
+                # Tornado reads no further until the returned answer is written and the
+                # connection closed: the stream is the guard's meanwhile.
+                self.delegate.on_connection_close()  # the application gives the request up
+                return self._refuse(self.connection.stream, 413, f"the body is over {self.server.max_body_size} bytes")
         return self.delegate.data_received(chunk)
 
     def finish(self) -> None:
         self.delegate.finish()
 
     def on_connection_close(self) -> None:
-        self.delegate.on_connection_close()
+        if not self.refused:
+            self.delegate.on_connection_close()
+
+    def _refuse(self, stream: tornado.iostream.IOStream, status: int, detail: str) -> asyncio.Future[None]:
+        """Log the refusal in the access log, then answer it on ``stream`` and close it."""
+        self.refused = True
+        line = self.start_line
+        address = getattr(self.connection.context, "remote_ip", "-")
+        uri = line.path if len(line.path) <= 200 else line.path[:200] + "..."
+        _server_logger.warning('"%s %s %s" %d %s (%s)', line.method, uri, line.version, status, address, detail)
+        refusal = asyncio.ensure_future(_answer_and_close(stream, status, detail))
+        self.server.refusals.add(refusal)  # a task nobody references may vanish mid-way
+        refusal.add_done_callback(self.server.refusals.discard)
+        return refusal
 
 
-async def _refuse(stream: tornado.iostream.IOStream, status: int, detail: str) -> None:
+async def _answer_and_close(stream: tornado.iostream.IOStream, status: int, detail: str) -> None:
     """Answer ``status`` on a connection taken from Tornado, then close it gently."""
     reason = tornado.httputil.responses.get(status, "Error")
     body = f"{status} {reason}: {detail}\n".encode()
@@ -972,12 +993,14 @@ class _HTTPServer(tornado.httpserver.HTTPServer):
         idle_timeout: float,
         **options: Any,
     ) -> None:
-        # Tornado cuts a connection whose head is over its own limit without a word;
-        # its limit is set higher, so that heads up to 4 times ours get a 414 or 431.
+        # Tornado cuts a connection whose head is over its own limit without a word, and
+        # answers a body over its own with a bare 400: its limits are set higher, so that
+        # heads up to 4 times ours get a 414 or 431 from the guard, and a chunked body a
+        # 413 (Tornado still refuses a single chunk declared over twice the limit).
         super().initialize(
             request_callback,
             max_header_size=4 * max_header_size,
-            max_body_size=max_body_size,
+            max_body_size=2 * max_body_size,
             idle_connection_timeout=idle_timeout,
             **options,
         )
@@ -1092,8 +1115,8 @@ def serve(
 
     Limits, enforced before Django sees a request: a request head over
     ``max_header_size`` bytes gets 414 or 431, a declared body over
-    ``max_body_size`` 413 (a chunked body that grows past it, Tornado's 400), a
-    malformed head 400. A new connection has ``header_timeout`` seconds to send
+    ``max_body_size`` 413 (a chunked one as it grows past it), a malformed
+    head 400. A new connection has ``header_timeout`` seconds to send
     its first request head, a kept-alive one ``idle_timeout`` seconds for the
     next, a body ``body_timeout`` seconds (None: no limit); then the connection
     is closed.

@@ -1452,13 +1452,14 @@ HOSTILE_REQUESTS = [
         ),
         id="a chunk without its CR LF",
     ),
-    # Tornado 6.5 refuses chunk extensions and trailers, 6.3 ignores them; it checks each
-    # chunk's declared size against max_body_size before reading it (400, not 413).
+    # Tornado 6.5 refuses chunk extensions and trailers, 6.3 ignores them; it refuses a
+    # chunk declared absurdly large before reading it (400).
     ("a chunk extension", f"POST /echo HTTP/1.1\r\n{POST}Transfer-Encoding: chunked\r\n\r\n3;name=value\r\nf=a\r\n0\r\n\r\n", {200, 400}),
     ("a chunked body with a trailer", f"POST /echo HTTP/1.1\r\n{POST}Transfer-Encoding: chunked\r\n\r\n3\r\nf=a\r\n0\r\nX-Trailer: 1\r\n\r\n", {200, 400}),
     ("a chunk size of 2**64", f"POST /echo HTTP/1.1\r\n{POST}Transfer-Encoding: chunked\r\n\r\n10000000000000000\r\nf=a\r\n", 400),
     ("a Content-Length over max_body_size", f"POST /echo HTTP/1.1\r\n{POST}Content-Length: 5000000\r\n\r\nf=a", 413),
-    ("a chunk declared over max_body_size", f"POST /echo HTTP/1.1\r\n{POST}Transfer-Encoding: chunked\r\n\r\n4c4b40\r\nf=a", 400),
+    ("a chunked body growing past max_body_size", f"POST /echo HTTP/1.1\r\n{POST}Transfer-Encoding: chunked\r\n\r\n" + chunked(*["x" * 65536] * 64), 413),
+    ("a chunk declared over twice max_body_size", f"POST /echo HTTP/1.1\r\n{POST}Transfer-Encoding: chunked\r\n\r\n895440\r\nf=a", 400),
     ("Expect: 100-continue", f"POST /echo HTTP/1.1\r\n{POST}Expect: 100-continue\r\nContent-Length: 3\r\n\r\nf=a", 200),
     ("Expect: 100-continue over max_body_size", f"POST /echo HTTP/1.1\r\n{POST}Expect: 100-continue\r\nContent-Length: 5000000\r\n\r\n", 413),
     ("invalid UTF-8 in a form field", f"POST /echo HTTP/1.1\r\n{POST}Content-Length: 8\r\n\r\nf=%ff%fe", 200),
@@ -1533,10 +1534,14 @@ def test_http_1_0_keep_alive_is_honoured_and_plain_1_0_is_closed(strict):
         assert connection.recv(1) == b""  # closed after a plain HTTP/1.0 answer
 
 
-def test_the_413_reaches_a_client_still_sending_its_large_body(strict):
-    response = requests.post(f"http://127.0.0.1:{strict.port}/echo", data=b"x" * 20_000_000, timeout=TIMEOUT)
+@pytest.mark.parametrize("framing", ["Content-Length", "chunked"])
+def test_the_413_reaches_a_client_still_sending_its_large_body(strict, framing):
+    body = b"x" * 20_000_000
+    data = body if framing == "Content-Length" else (body[start : start + 65536] for start in range(0, len(body), 65536))
+    response = requests.post(strict.url("/echo"), data=data, timeout=TIMEOUT)
     assert response.status_code == 413
     assert response.headers["Connection"] == "close"
+    assert requests.get(strict.url("/census"), timeout=TIMEOUT).json()["handlers"] == 0  # nothing left behind
 
 
 def test_a_client_that_leaves_before_its_answer_is_logged_as_499(strict):
