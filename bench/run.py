@@ -298,7 +298,7 @@ def chat_end_to_end(receivers: int, seconds: float, rate: float, *, drain: float
     """Scenario 6: chat_example.py with ``receivers`` long-polls and one sender at ``rate`` msg/s.
 
     The figures of chat_load, plus the server's log lines other than 2xx/3xx
-    access lines while it ran (``server_log_problems``, the first few in
+    access lines (or 499: a receiver that left before its answer) while it ran (``server_log_problems``, the first few in
     ``server_log_sample``) and while it stopped (``shutdown_log_problems``).
     """
     port = free_port()
@@ -338,7 +338,7 @@ def chat_end_to_end(receivers: int, seconds: float, rate: float, *, drain: float
     problems: list[list[str]] = [[], []]  # while running, while stopping
     position = 0
     for line in lines:
-        if not re.search(r'" [23]\d\d ', line):
+        if not re.search(r'" ([23]\d\d|499) ', line):
             problems[position >= running_log].append(line.rstrip())
         position += len(line.encode())
     results["server_log_problems"] = len(problems[0])
