@@ -923,8 +923,11 @@ class _RequestGuard(tornado.httputil.HTTPMessageDelegate):
             if headers["Transfer-Encoding"].lower() != "chunked":
                 return 501, f"can't decode Transfer-Encoding: {headers['Transfer-Encoding']}"  # RFC 9112 section 6.1
         if "Content-Length" in headers and headers["Content-Length"].isdigit() and int(headers["Content-Length"]) > max_body_size:
-            return 413, f"the body is over {max_body_size} bytes"
+            return self._body_too_large()
         return None
+
+    def _body_too_large(self) -> tuple[int, str]:
+        return 413, f"the body is over {self.server.max_body_size} bytes"
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
         if self.chunked_body_left is not None:
@@ -933,7 +936,7 @@ class _RequestGuard(tornado.httputil.HTTPMessageDelegate):
                 # Tornado reads no further until the returned answer is written and the
                 # connection closed: the stream is the guard's meanwhile.
                 self.delegate.on_connection_close()  # the application gives the request up
-                return self._refuse(self.connection.stream, 413, f"the body is over {self.server.max_body_size} bytes")
+                return self._refuse(self.connection.stream, *self._body_too_large())
         return self.delegate.data_received(chunk)
 
     def finish(self) -> None:
@@ -1121,10 +1124,9 @@ def serve(
     next, a body ``body_timeout`` seconds (None: no limit); then the connection
     is closed.
 
-    ``startup`` callables (or dotted
-    paths), then those in ``settings.TORNADO_STARTUP``, run in each worker once
-    its IOLoop is up; a coroutine is awaited. The banner goes to ``stdout``
-    (default ``sys.stdout``).
+    ``startup`` callables (or dotted paths), then those in
+    ``settings.TORNADO_STARTUP``, run in each worker once its IOLoop is up; a
+    coroutine is awaited. The banner goes to ``stdout`` (default ``sys.stdout``).
 
     On SIGINT or SIGTERM the server stops accepting, answers parked
     ``@asynchronous`` requests at once (503 with Retry-After, unless a disconnect

@@ -1099,6 +1099,11 @@ class ServerProcess:
             self.process.wait(TIMEOUT)
 
 
+def port_of(url):
+    """The port of a base URL such as ``http://127.0.0.1:8000/``."""
+    return int(url.rstrip("/").rsplit(":", 1)[1])
+
+
 @contextlib.contextmanager
 def running(project, *args, **kwargs):
     server = ServerProcess(project, *args, **kwargs)
@@ -1165,7 +1170,7 @@ def test_runtornado_passes_its_limits_to_the_server(project):
         (url,) = server.wait_for_banner()
         assert requests.post(url + "echo", data=b"x" * 11, timeout=TIMEOUT).status_code == 413
         assert requests.post(url + "echo", data=b"x" * 10, timeout=TIMEOUT).json()["body_length"] == 10
-        port = int(url.rsplit(":", 1)[1].strip("/"))
+        port = port_of(url)
         with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as slow_client:
             slow_client.sendall(b"GET /echo HTTP/1.1\r\n")
             started = time.monotonic()
@@ -1188,7 +1193,7 @@ def test_workers_stop_when_their_parent_is_killed(project):
 def test_running_out_of_file_descriptors_pauses_accepting_instead_of_spinning(project):
     with running(project, "few_files_server.py", "127.0.0.1:0") as server:
         (url,) = server.wait_for_banner()
-        port = int(url.rsplit(":", 1)[1].strip("/"))
+        port = port_of(url)
         flood = []
         with contextlib.suppress(OSError):
             for _ in range(100):  # more than the server has descriptors left
@@ -1350,7 +1355,7 @@ def test_python_m_django_tornado_without_usable_settings_says_so_in_one_line(pro
 def strict(project):
     with running(project, "strict_server.py", "127.0.0.1:0", settings_module="strict_settings") as server:
         (url,) = server.wait_for_banner()
-        server.port = int(url.rsplit(":", 1)[1].strip("/"))
+        server.port = port_of(url)
         server.url = lambda path: url.rstrip("/") + path
         server.probes = 0
         yield server
@@ -1644,7 +1649,7 @@ def census_when_settled(url):
 def test_disconnect_storms_leave_nothing_behind_and_memory_flat(project):
     with running(project, *runtornado("--threads", "4", "127.0.0.1:0")) as server:
         (url,) = server.wait_for_banner()
-        port = int(url.rsplit(":", 1)[1].strip("/"))
+        port = port_of(url)
         asyncio.run(disconnect_storm(port, 10_000))  # warm-up: CPython keeps memory it has freed
         after_first = census_when_settled(url)
         asyncio.run(disconnect_storm(port, 10_000))
@@ -1884,7 +1889,7 @@ def test_chat_loses_and_repeats_no_message_under_concurrent_senders(chat):
 
 def test_chat_bookkeeping_stays_bounded_over_ten_thousand_departures(chat):
     first, second = chat
-    port = int(first.rsplit(":", 1)[1].rstrip("/"))
+    port = port_of(first)
     request = f"GET /recv?since={now_stamp() + 10**9}&id= HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
     for _ in range(100):  # 100 rounds of 100 clients that park a long-poll and leave
         clients = [socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) for _ in range(100)]
