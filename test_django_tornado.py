@@ -489,7 +489,9 @@ def test_a_client_leaving_mid_stream_stops_and_closes_the_iterator(server, kind)
     with contextlib.closing(raw_request(server, f"GET /stream/endless/{kind} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())) as client:
         received = b""
         while b"tick 0" not in received:
-            received += client.recv(4096)
+            chunk = client.recv(4096)
+            assert chunk, f"closed before the first tick: {received!r}"
+            received += chunk
     assert stream_closed.wait(5)
 
 
@@ -1062,22 +1064,30 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                line = self._lines.get(timeout=max(0.01, deadline - time.monotonic()))
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 if not required:
                     return None
-                pytest.fail(f"no line with {text!r} in {timeout} s; the output so far:\n" + "".join(self.output))
-            assert line is not None, "the server exited:\n" + "".join(self.output)
+                pytest.fail(f"no line with {text!r} in {timeout} s; the output's last lines:\n" + self.last_lines())
+            assert line is not None, "the server exited; its last lines:\n" + self.last_lines()
             self.output.append(line)
             if text in line:
                 return line
+            if time.monotonic() > deadline and required:  # lines keep coming, but not this one
+                pytest.fail(f"no line with {text!r} in {timeout} s; the output's last lines:\n" + self.last_lines())
 
-    def wait_for_lines(self, *texts):
+    def wait_for_lines(self, *texts, timeout=TIMEOUT):
         """Wait until a line containing each of ``texts`` has come, in any order (a text given twice: two lines)."""
         missing = collections.Counter(texts)
+        deadline = time.monotonic() + timeout
         while missing:
-            line = self.wait_for_line("")
+            line = self.wait_for_line("", timeout=deadline - time.monotonic(), required=False)
+            if line is None or time.monotonic() > deadline:
+                pytest.fail(f"no line with {sorted(missing.elements())} in {timeout} s; the output's last lines:\n" + self.last_lines())
             missing -= collections.Counter(text for text in missing if text in line)
+
+    def last_lines(self, count=60):
+        return "".join(self.output[-count:])
 
     def wait_for_banner(self):
         """Wait until the server listens; return its URLs."""
@@ -1141,26 +1151,27 @@ def test_static_files_are_served_like_runserver_serves_them(project, flags, stat
         assert server.stop() == 0
 
 
+def worker_pids(url, count, excluding=()):
+    """The pids of ``count`` workers behind ``url``, other than ``excluding``, as new connections reach them."""
+    pids = set()
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:  # each new connection lands on either worker
+        pid = requests.get(url + "state", timeout=TIMEOUT).json()["pid"]
+        if pid not in excluding:
+            pids.add(pid)
+        if len(pids) == count:
+            return pids
+    pytest.fail(f"saw only workers {pids}")
+
+
 def test_worker_processes_share_the_port_and_a_dead_worker_is_replaced(project):
     with running(project, *runtornado("--processes", "2", "127.0.0.1:0")) as server:
         (url,) = server.wait_for_banner()
-
-        def worker_pids(count, excluding=()):
-            pids = set()
-            deadline = time.monotonic() + TIMEOUT
-            while time.monotonic() < deadline:  # each new connection lands on either worker
-                pid = requests.get(url + "state", timeout=TIMEOUT).json()["pid"]
-                if pid not in excluding:
-                    pids.add(pid)
-                if len(pids) == count:
-                    return pids
-            pytest.fail(f"saw only workers {pids}")
-
-        first, second = worker_pids(2)
+        first, second = worker_pids(url, 2)
         assert server.process.pid not in (first, second)
         os.kill(first, signal.SIGKILL)
         server.wait_for_line(f"(pid {first}) exited with code -9; starting a new one")
-        (replacement,) = worker_pids(1, excluding={first, second})
+        (replacement,) = worker_pids(url, 1, excluding={first, second})
         assert replacement != first
         assert server.stop() == 0
 
@@ -1182,9 +1193,7 @@ def test_runtornado_passes_its_limits_to_the_server(project):
 def test_workers_stop_when_their_parent_is_killed(project):
     with running(project, *runtornado("--processes", "2", "127.0.0.1:0")) as server:
         (url,) = server.wait_for_banner()
-        workers = set()
-        while len(workers) < 2:  # each new connection lands on either worker
-            workers.add(requests.get(url + "state", timeout=TIMEOUT).json()["pid"])
+        workers = worker_pids(url, 2)
         server.process.kill()
         server.wait_for_lines(*(f"Worker (pid {pid}): the parent process is gone; stopping" for pid in workers))
         wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), TIMEOUT)  # reaped by init
@@ -1727,7 +1736,7 @@ def test_sigterm_under_load_answers_every_request_it_accepted_and_exits_0(projec
         def call(path, client=requests):
             try:
                 answers.append((path, client.get(url + path, timeout=TIMEOUT).status_code))
-            except requests.ConnectionError as error:
+            except requests.RequestException as error:
                 if "Connection refused" not in str(error):  # refused at connect: never accepted
                     dropped.append((path, repr(error)))
                 return False
