@@ -865,6 +865,12 @@ _server_logger = logging.getLogger("django.server")  # runserver's access log, s
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]*")  # header names (RFC 9110 section 5.6.2)
 _FORBIDDEN_IN_VALUES = re.compile(r"[\r\n\0]")  # RFC 9110 section 5.5
 _ACCEPT_PAUSE = 0.5  # seconds without accepting after running out of file descriptors
+# accept(2) errors that belong to one connection, which failed before it was accepted:
+# the next one may be fine (Linux's man page asks for a retry on these; BSD's ECONNABORTED).
+_ACCEPT_RETRY = frozenset(
+    getattr(errno, name, errno.ECONNABORTED)
+    for name in ("ECONNABORTED", "EPROTO", "EPERM", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH")
+)
 _CLIENT_LEFT = 499  # logged for a request whose client left before its answer (nginx's convention)
 _LINGER_SECONDS = 5.0  # how long a refused request's unread body is drained before closing (nginx: lingering_timeout)
 
@@ -1025,10 +1031,11 @@ class _HTTPServer(tornado.httpserver.HTTPServer):
 class _Listener:
     """Accept connections on ``sockets`` for ``server`` (in place of ``server.add_sockets``).
 
-    Two things Tornado's accept loop (6.3-6.6) does not do: when the process runs
-    out of file descriptors it raises on every turn of the IOLoop while the
-    socket stays readable, so the server spins writing tracebacks; here it stops
-    accepting for a moment and says so once, as asyncio's own servers do. And
+    Two things Tornado's accept loop (6.3-6.6) does not do: when accept() fails,
+    for instance because the process ran out of file descriptors, it raises on
+    every turn of the IOLoop while the socket stays readable, so the server spins
+    writing tracebacks; here it stops accepting for a moment and says so once, as
+    asyncio's own servers do. And
     closing drops the connections the kernel has queued; here they are served.
     """
 
@@ -1051,11 +1058,11 @@ class _Listener:
                 connection, address = listening.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except ConnectionAbortedError:
-                continue
             except OSError as error:
-                if error.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    raise
+                if error.errno in _ACCEPT_RETRY:
+                    continue
+                # Out of descriptors or memory, or anything else: raising here would come
+                # back on every turn of the IOLoop while the socket stays readable.
                 _logger.warning("Can't accept connections (%s): pausing for %s s", error.strerror, _ACCEPT_PAUSE)
                 self._pause()
                 return
