@@ -940,13 +940,13 @@ def state(request):
     return JsonResponse({"value": counter["value"], "pid": os.getpid(), "started": started})
 
 def slow(request):
-    print("slow view started", flush=True)
+    print("slow view started\\n", end="", flush=True)  # one write: two threads' lines never merge
     time.sleep(float(request.GET.get("seconds", "1")))
     return JsonResponse({"slept": True})
 
 @asynchronous
 def park(request, handler):
-    print("long-poll parked", flush=True)  # and never answered by the view
+    print("long-poll parked\\n", end="", flush=True)  # and never answered by the view
 
 @csrf_exempt
 def echo(request):
@@ -1084,7 +1084,7 @@ class ServerProcess:
             line = self.wait_for_line("", timeout=deadline - time.monotonic(), required=False)
             if line is None or time.monotonic() > deadline:
                 pytest.fail(f"no line with {sorted(missing.elements())} in {timeout} s; the output's last lines:\n" + self.last_lines())
-            missing -= collections.Counter(text for text in missing if text in line)
+            missing -= collections.Counter({text: line.count(text) for text in missing})
 
     def last_lines(self, count=60):
         return "".join(self.output[-count:])
