@@ -64,7 +64,6 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TextIO
 
@@ -873,6 +872,10 @@ _ACCEPT_RETRY = frozenset(
 )
 _CLIENT_LEFT = 499  # logged for a request whose client left before its answer (nginx's convention)
 _LINGER_SECONDS = 5.0  # how long a refused request's unread body is drained before closing (nginx: lingering_timeout)
+_FIRST_HEAD_WAIT = 1.0  # on shutdown, how long a connection accepted but not yet heard from is awaited
+
+
+_NEW, _BUSY, _KEPT_ALIVE = "new", "busy", "kept alive"  # the states of a connection (_HTTPServer.connection_states)
 
 
 class _RequestGuard(tornado.httputil.HTTPMessageDelegate):
@@ -885,8 +888,15 @@ class _RequestGuard(tornado.httputil.HTTPMessageDelegate):
     417 for an Expect it cannot meet.
     """
 
-    def __init__(self, server: _HTTPServer, connection: tornado.http1connection.HTTP1Connection, delegate: tornado.httputil.HTTPMessageDelegate) -> None:
+    def __init__(
+        self,
+        server: _HTTPServer,
+        server_connection: object,
+        connection: tornado.http1connection.HTTP1Connection,
+        delegate: tornado.httputil.HTTPMessageDelegate,
+    ) -> None:
         self.server = server
+        self.server_connection = server_connection
         self.connection = connection
         self.delegate = delegate
         self.start_line: tornado.httputil.RequestStartLine | None = None
@@ -895,6 +905,7 @@ class _RequestGuard(tornado.httputil.HTTPMessageDelegate):
 
     def headers_received(self, start_line: tornado.httputil.RequestStartLine, headers: tornado.httputil.HTTPHeaders) -> Awaitable[None] | None:
         self.start_line = start_line
+        self.server.connection_states[self.server_connection] = _BUSY
         refusal = self._refusal(start_line, headers)
         if refusal is not None:
             # Stop Tornado reading this connection (detach is meant for this moment) and answer on it directly.
@@ -1017,15 +1028,28 @@ class _HTTPServer(tornado.httpserver.HTTPServer):
         self.max_body_size = max_body_size
         self.first_request_params = copy.copy(self.conn_params)
         self.first_request_params.header_timeout = header_timeout
-        self._connections_seen: weakref.WeakSet[object] = weakref.WeakSet()
+        # What each open connection is doing, for a graceful shutdown: awaiting its first
+        # request head, busy with a request, or kept alive and awaiting the next head.
+        self.connection_states: dict[object, str] = {}
         self.refusals: set[asyncio.Future[None]] = set()  # answers of refused requests, being written
 
     def start_request(self, server_conn: object, request_conn: tornado.http1connection.HTTP1Connection) -> tornado.httputil.HTTPMessageDelegate:
-        if server_conn not in self._connections_seen:
-            self._connections_seen.add(server_conn)
+        if server_conn in self.connection_states:
+            self.connection_states[server_conn] = _KEPT_ALIVE
+        else:
+            self.connection_states[server_conn] = _NEW
             request_conn.params = self.first_request_params  # read when Tornado starts waiting for the head
         delegate = super().start_request(server_conn, request_conn)
-        return _RequestGuard(self, request_conn, delegate)
+        return _RequestGuard(self, server_conn, request_conn, delegate)
+
+    def on_close(self, server_conn: object) -> None:
+        self.connection_states.pop(server_conn, None)
+        super().on_close(server_conn)
+
+    def requests_to_wait_for(self, new_connections_too: bool) -> bool:
+        """Whether a connection is busy with a request (or, if asked, new and not yet heard from)."""
+        states = set(self.connection_states.values())
+        return _BUSY in states or (new_connections_too and _NEW in states)
 
 
 class _Listener:
@@ -1338,7 +1362,16 @@ async def _serve_until_signalled(
     server.conn_params.no_keep_alive = True
     server.first_request_params.no_keep_alive = True
     listener.close()
+    deadline, first_heads_until = loop.time() + grace_period, loop.time() + _FIRST_HEAD_WAIT
     drained = await bridge.drain(grace_period)
+    # Connections accepted a moment ago (some from the backlog, just now) are about to
+    # send their first request: closing them now would drop it. Wait for those requests
+    # too, and for a silent new connection a second at most.
+    while drained:
+        await asyncio.sleep(0.02)  # first, so that the connections just accepted have started
+        if not (bridge.active_handlers or server.requests_to_wait_for(loop.time() < first_heads_until)):
+            break
+        drained = loop.time() < deadline
     if not drained:
         _logger.warning("%d requests still running after %s s were cut off", len(bridge.active_handlers), grace_period)
     await server.close_all_connections()

@@ -1259,6 +1259,27 @@ def test_sigterm_lets_a_slow_view_finish_and_answers_a_long_poll(project):
         requests.get(url + "state", timeout=TIMEOUT)
 
 
+def test_a_connection_made_before_sigterm_gets_its_first_request_answered(project):
+    with running(project, *runtornado("--grace-period", "5", "127.0.0.1:0")) as server:
+        (url,) = server.wait_for_banner()
+        port = port_of(url)
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as late,
+            socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as silent,
+        ):
+            time.sleep(0.3)  # accepted, and nothing in flight: the server could stop at once
+            started = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            server.wait_for_line("Stopping")
+            late.sendall(b"GET /state HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # a client is slower than the signal
+            response = http.client.HTTPResponse(late)
+            response.begin()
+            assert (response.status, response.headers["Connection"]) == (200, "close")
+            assert silent.recv(1) == b""  # one that never asks does not hold the shutdown
+            assert server.process.wait(TIMEOUT) == 0
+            assert time.monotonic() - started < 3
+
+
 def test_requests_still_running_after_the_grace_period_are_cut_off_and_the_server_exits_0(project):
     with running(project, *runtornado("--grace-period", "1", "127.0.0.1:0")) as server:
         (url,) = server.wait_for_banner()
