@@ -50,6 +50,7 @@ import collections
 import concurrent.futures
 import contextlib
 import copy
+import ctypes
 import datetime
 import errno
 import functools
@@ -60,6 +61,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -1100,8 +1102,11 @@ class _Listener:
             self.loop.remove_handler(listening)
         self._paused = self.loop.call_later(_ACCEPT_PAUSE, self._listen)
 
-    def close(self) -> None:
-        """Stop listening, after serving the connections already waiting to be accepted."""
+    async def close(self) -> None:
+        """Stop listening, after serving the connections already on their way in."""
+        for listening in self.sockets:
+            _refuse_new_handshakes(listening)
+        await asyncio.sleep(_HANDSHAKE_WAIT)  # meanwhile, handshakes under way complete and are accepted
         self._closed = True
         if self._paused is not None:
             self.loop.remove_timeout(self._paused)
@@ -1111,6 +1116,36 @@ class _Listener:
         for listening in self.sockets:
             self._accept(listening)
             listening.close()
+
+
+_HANDSHAKE_WAIT = 0.1  # seconds for a TCP handshake under way to complete (a round trip)
+_SO_ATTACH_FILTER = 26  # Linux's socket option for a classic BPF program
+# A classic BPF program: drop a packet whose TCP flags (byte 13 of its header) have SYN
+# set; keep every other one, so that the handshakes under way can complete.
+_DROP_SYN = b"".join(
+    struct.pack("HBBI", *instruction)
+    for instruction in (
+        (0x30, 0, 0, 13),  # ldb [13]: the flags
+        (0x45, 0, 1, 0x02),  # jset #SYN: go on, else skip one
+        (0x06, 0, 0, 0),  # ret #0: drop
+        (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1: keep, whole
+    )
+)
+
+
+def _refuse_new_handshakes(listening: socket.socket) -> None:
+    """Have the kernel ignore new connection attempts on ``listening`` (Linux only).
+
+    Closing a listening socket resets the connections the kernel completed since
+    the last accept(), with the requests already sent on them; on a busy machine
+    that window is long enough to matter. Without new SYNs, the queue can be
+    emptied before the socket is closed: a client that came too late retries its
+    SYN, finds the port closed, and is refused, never reset.
+    """
+    if sys.platform == "linux":
+        program = ctypes.create_string_buffer(_DROP_SYN)  # the kernel copies it
+        with contextlib.suppress(OSError):
+            listening.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, struct.pack("HP", len(_DROP_SYN) // 8, ctypes.addressof(program)))
 
 
 def serve(
@@ -1361,7 +1396,7 @@ async def _serve_until_signalled(
     # is shared by every connection of this server (Tornado 6.3-6.6).
     server.conn_params.no_keep_alive = True
     server.first_request_params.no_keep_alive = True
-    listener.close()
+    await listener.close()
     deadline, first_heads_until = loop.time() + grace_period, loop.time() + _FIRST_HEAD_WAIT
     drained = await bridge.drain(grace_period)
     # Connections accepted a moment ago (some from the backlog, just now) are about to
