@@ -1062,19 +1062,18 @@ class ServerProcess:
     def wait_for_line(self, text, timeout=TIMEOUT, required=True):
         """Return the next output line containing ``text`` (None if not required and none came)."""
         deadline = time.monotonic() + timeout
-        while True:
+        while (remaining := deadline - time.monotonic()) > 0:  # however many other lines come
             try:
-                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+                line = self._lines.get(timeout=remaining)
             except queue.Empty:
-                if not required:
-                    return None
-                pytest.fail(f"no line with {text!r} in {timeout} s; the output's last lines:\n" + self.last_lines())
+                break
             assert line is not None, "the server exited; its last lines:\n" + self.last_lines()
             self.output.append(line)
             if text in line:
                 return line
-            if time.monotonic() > deadline and required:  # lines keep coming, but not this one
-                pytest.fail(f"no line with {text!r} in {timeout} s; the output's last lines:\n" + self.last_lines())
+        if required:
+            pytest.fail(f"no line with {text!r} in {timeout} s; the output's last lines:\n" + self.last_lines())
+        return None
 
     def wait_for_lines(self, *texts, timeout=TIMEOUT):
         """Wait until a line containing each of ``texts`` has come, in any order (a text given twice: two lines)."""
@@ -1082,7 +1081,7 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while missing:
             line = self.wait_for_line("", timeout=deadline - time.monotonic(), required=False)
-            if line is None or time.monotonic() > deadline:
+            if line is None:
                 pytest.fail(f"no line with {sorted(missing.elements())} in {timeout} s; the output's last lines:\n" + self.last_lines())
             missing -= collections.Counter({text: line.count(text) for text in missing})
 
