@@ -866,6 +866,7 @@ _server_logger = logging.getLogger("django.server")  # runserver's access log, s
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]*")  # header names (RFC 9110 section 5.6.2)
 _FORBIDDEN_IN_VALUES = re.compile(r"[\r\n\0]")  # RFC 9110 section 5.5
 _ACCEPT_PAUSE = 0.5  # seconds without accepting after running out of file descriptors
+_HANDSHAKE_WAIT = 0.1  # on shutdown, seconds for a TCP handshake under way to complete (a round trip)
 # accept(2) errors that belong to one connection, which failed before it was accepted:
 # the next one may be fine (Linux's man page asks for a retry on these; BSD's ECONNABORTED).
 _ACCEPT_RETRY = frozenset(
@@ -1061,8 +1062,8 @@ class _Listener:
     for instance because the process ran out of file descriptors, it raises on
     every turn of the IOLoop while the socket stays readable, so the server spins
     writing tracebacks; here it stops accepting for a moment and says so once, as
-    asyncio's own servers do. And
-    closing drops the connections the kernel has queued; here they are served.
+    asyncio's own servers do. And closing drops the connections the kernel has
+    queued; here they are served.
     """
 
     def __init__(self, server: _HTTPServer, sockets: list[socket.socket]) -> None:
@@ -1118,7 +1119,6 @@ class _Listener:
             listening.close()
 
 
-_HANDSHAKE_WAIT = 0.1  # seconds for a TCP handshake under way to complete (a round trip)
 _SO_ATTACH_FILTER = 26  # Linux's socket option for a classic BPF program
 # A classic BPF program: drop a packet whose TCP flags (byte 13 of its header) have SYN
 # set; keep every other one, so that the handshakes under way can complete.
