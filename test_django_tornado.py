@@ -1086,6 +1086,11 @@ class ServerProcess:
             missing -= collections.Counter({text: line.count(text) for text in missing})
 
     def last_lines(self, count=60):
+        """The last ``count`` lines of output, including any not waited for yet."""
+        with contextlib.suppress(queue.Empty):
+            while (line := self._lines.get_nowait()) is not None:
+                self.output.append(line)
+            self._lines.put(None)  # the end stays marked for whoever reads next
         return "".join(self.output[-count:])
 
     def wait_for_banner(self):
@@ -1097,7 +1102,10 @@ class ServerProcess:
     def stop(self, signal_number=signal.SIGTERM, timeout=TIMEOUT):
         """Signal the server and return its exit code once it has exited."""
         self.process.send_signal(signal_number)
-        code = self.process.wait(timeout)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {timeout} s after {signal.Signals(signal_number).name}; the output's last lines:\n" + self.last_lines())
         while (line := self._lines.get(timeout=TIMEOUT)) is not None:
             self.output.append(line)
         return code
