@@ -1103,10 +1103,15 @@ class _Listener:
             self.loop.remove_handler(listening)
         self._paused = self.loop.call_later(_ACCEPT_PAUSE, self._listen)
 
-    async def close(self) -> None:
-        """Stop listening, after serving the connections already on their way in."""
-        for listening in self.sockets:
-            _refuse_new_handshakes(listening)
+    async def close(self, refuse_new_handshakes: bool) -> None:
+        """Stop listening, after serving the connections already on their way in.
+
+        A worker stopping on its own passes False: the others go on accepting on
+        the sockets it shares with them.
+        """
+        if refuse_new_handshakes:
+            for listening in self.sockets:
+                _refuse_new_handshakes(listening)
         await asyncio.sleep(_HANDSHAKE_WAIT)  # meanwhile, handshakes under way complete and are accepted
         self._closed = True
         if self._paused is not None:
@@ -1240,7 +1245,7 @@ def serve(
 
     if processes > 1:
         connections.close_all()  # a database connection must not be shared by forked workers
-        _supervise(processes, run_worker)
+        _supervise(processes, run_worker, sockets)
     elif not run_worker(supervised=False):
         _exit_now(0)  # pool threads still running a view would keep the interpreter from exiting
 
@@ -1363,6 +1368,9 @@ async def _serve_until_signalled(
         stop.set()
 
     loop.add_signal_handler(signal.SIGTERM, on_signal, signal.SIGTERM)
+    # Only the last process holding the sockets refuses new connections on them: a
+    # supervised worker's parent does it when all stop (a worker may stop on its own).
+    last_holder = not supervised
     if not supervised:
         # A supervised worker ignores SIGINT: Ctrl-C reaches every process of the
         # terminal's group, and the parent turns it into one SIGTERM per worker.
@@ -1373,8 +1381,10 @@ async def _serve_until_signalled(
         def stop_if_orphaned() -> None:
             # The parent was killed (kill -9 sends its workers nothing): stop gracefully
             # rather than serve on unsupervised, as gunicorn's workers do.
+            nonlocal last_holder
             if os.getppid() != parent and not stop.is_set():
                 _logger.warning("Worker (pid %d): the parent process is gone; stopping", os.getpid())
+                last_holder = True  # with the others, all orphans too
                 stop.set()
 
         tornado.ioloop.PeriodicCallback(stop_if_orphaned, 1000).start()
@@ -1396,7 +1406,7 @@ async def _serve_until_signalled(
     # is shared by every connection of this server (Tornado 6.3-6.6).
     server.conn_params.no_keep_alive = True
     server.first_request_params.no_keep_alive = True
-    await listener.close()
+    await listener.close(refuse_new_handshakes=last_holder)
     deadline, first_heads_until = loop.time() + grace_period, loop.time() + _FIRST_HEAD_WAIT
     drained = await bridge.drain(grace_period)
     # Connections accepted a moment ago (some from the backlog, just now) are about to
@@ -1414,7 +1424,7 @@ async def _serve_until_signalled(
     return drained
 
 
-def _supervise(processes: int, run_worker: Callable[[bool], bool]) -> None:
+def _supervise(processes: int, run_worker: Callable[[bool], bool], sockets: list[socket.socket]) -> None:
     """Fork ``processes`` workers, replace any that dies, and stop them all on SIGINT or SIGTERM."""
     workers: dict[int, tuple[int, float]] = {}  # pid -> (worker number, start time)
     stopping = 0
@@ -1436,6 +1446,9 @@ def _supervise(processes: int, run_worker: Callable[[bool], bool]) -> None:
     def on_signal(signal_number: int, frame: Any) -> None:
         nonlocal stopping
         stopping += 1
+        if stopping == 1:
+            for listening in sockets:
+                _refuse_new_handshakes(listening)
         for pid in workers:
             os.kill(pid, signal.SIGTERM if stopping == 1 else signal.SIGKILL)
 

@@ -1183,6 +1183,18 @@ def test_worker_processes_share_the_port_and_a_dead_worker_is_replaced(project):
         assert server.stop() == 0
 
 
+def test_a_worker_stopped_on_its_own_is_replaced_and_the_port_stays_open(project):
+    with running(project, *runtornado("--processes", "2", "127.0.0.1:0")) as server:
+        (url,) = server.wait_for_banner()
+        first, second = worker_pids(url, 2)
+        os.kill(first, signal.SIGTERM)  # as an operator recycling one worker would
+        server.wait_for_line(f"(pid {first}) exited with code 0; starting a new one")
+        # The listening socket is shared: the stopped worker must not have closed it to the
+        # others, so new connections reach the other worker and the new one.
+        assert second in worker_pids(url, 2, excluding={first})
+        assert server.stop() == 0
+
+
 def test_runtornado_passes_its_limits_to_the_server(project):
     with running(project, *runtornado("--max-body-size", "10", "--header-timeout", "1", "127.0.0.1:0")) as server:
         (url,) = server.wait_for_banner()
