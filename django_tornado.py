@@ -57,6 +57,7 @@ import functools
 import inspect
 import io
 import logging
+import math
 import os
 import re
 import signal
@@ -876,6 +877,7 @@ _ACCEPT_RETRY = frozenset(
 _CLIENT_LEFT = 499  # logged for a request whose client left before its answer (nginx's convention)
 _LINGER_SECONDS = 5.0  # how long a refused request's unread body is drained before closing (nginx: lingering_timeout)
 _FIRST_HEAD_WAIT = 1.0  # on shutdown, how long a connection accepted but not yet heard from is awaited
+_STUCK_WORKER_WAIT = 5  # seconds past the grace period before the parent kills a worker that has not exited
 
 
 _NEW, _BUSY, _KEPT_ALIVE = "new", "busy", "kept alive"  # the states of a connection (_HTTPServer.connection_states)
@@ -1245,7 +1247,7 @@ def serve(
 
     if processes > 1:
         connections.close_all()  # a database connection must not be shared by forked workers
-        _supervise(processes, run_worker, sockets)
+        _supervise(processes, run_worker, sockets, grace_period)
     elif not run_worker(supervised=False):
         _exit_now(0)  # pool threads still running a view would keep the interpreter from exiting
 
@@ -1424,10 +1426,15 @@ async def _serve_until_signalled(
     return drained
 
 
-def _supervise(processes: int, run_worker: Callable[[bool], bool], sockets: list[socket.socket]) -> None:
-    """Fork ``processes`` workers, replace any that dies, and stop them all on SIGINT or SIGTERM."""
+def _supervise(processes: int, run_worker: Callable[[bool], bool], sockets: list[socket.socket], grace_period: float) -> None:
+    """Fork ``processes`` workers, replace any that dies, and stop them all on SIGINT or SIGTERM.
+
+    A worker still running a little after the grace period (its IOLoop blocked,
+    say) is killed, so that stopping takes a bounded time, as in gunicorn.
+    """
     workers: dict[int, tuple[int, float]] = {}  # pid -> (worker number, start time)
     stopping = 0
+    stuck_after = math.ceil(grace_period) + _STUCK_WORKER_WAIT  # seconds after the first signal
 
     def start(number: int) -> None:
         pid = os.fork()
@@ -1449,8 +1456,15 @@ def _supervise(processes: int, run_worker: Callable[[bool], bool], sockets: list
         if stopping == 1:
             for listening in sockets:
                 _refuse_new_handshakes(listening)
+            signal.signal(signal.SIGALRM, kill_stuck_workers)
+            signal.alarm(stuck_after)
         for pid in workers:
             os.kill(pid, signal.SIGTERM if stopping == 1 else signal.SIGKILL)
+
+    def kill_stuck_workers(signal_number: int, frame: Any) -> None:
+        for pid, (number, _) in workers.items():
+            _logger.warning("Worker %d (pid %d) still running %d s after the signal: killed", number, pid, stuck_after)
+            os.kill(pid, signal.SIGKILL)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

@@ -1195,6 +1195,19 @@ def test_a_worker_stopped_on_its_own_is_replaced_and_the_port_stays_open(project
         assert server.stop() == 0
 
 
+def test_a_worker_that_cannot_stop_is_killed_after_the_grace_period(project):
+    # With no pool, a slow view holds its worker's IOLoop: that worker can't act on SIGTERM.
+    with running(project, *runtornado("--processes", "2", "--threads", "0", "--grace-period", "1", "127.0.0.1:0")) as server:
+        (url,) = server.wait_for_banner()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            stuck = pool.submit(requests.get, url + "slow", params={"seconds": 3 * TIMEOUT}, timeout=4 * TIMEOUT)
+            server.wait_for_line("slow view started")
+            assert server.stop() == 0  # within stop()'s TIMEOUT, not the view's 3 * TIMEOUT
+            with pytest.raises(requests.ConnectionError):
+                stuck.result()
+    assert any("still running 6 s after the signal: killed" in line for line in server.output)
+
+
 def test_runtornado_passes_its_limits_to_the_server(project):
     with running(project, *runtornado("--max-body-size", "10", "--header-timeout", "1", "127.0.0.1:0")) as server:
         (url,) = server.wait_for_banner()
