@@ -1484,6 +1484,7 @@ def _supervise(processes: int, run_worker: Callable[[bool], bool], sockets: list
             time.sleep(1)  # a worker that dies as it starts must not make the parent spin
         if not stopping:
             start(number)
+    signal.alarm(0)  # serve() returns to its caller, who has no use for a late SIGALRM
 
 
 # -- The runtornado command and python -m django_tornado -----------------------
