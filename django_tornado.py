@@ -877,6 +877,7 @@ _ACCEPT_RETRY = frozenset(
 _CLIENT_LEFT = 499  # logged for a request whose client left before its answer (nginx's convention)
 _LINGER_SECONDS = 5.0  # how long a refused request's unread body is drained before closing (nginx: lingering_timeout)
 _FIRST_HEAD_WAIT = 1.0  # on shutdown, how long a connection accepted but not yet heard from is awaited
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 _STUCK_WORKER_WAIT = 5  # seconds past the grace period before the parent kills a worker that has not exited
 
 
@@ -1437,11 +1438,15 @@ def _supervise(processes: int, run_worker: Callable[[bool], bool], sockets: list
     stuck_after = math.ceil(grace_period) + _STUCK_WORKER_WAIT  # seconds after the first signal
 
     def start(number: int) -> None:
+        # A signal waits until the parent knows the new worker (to pass the signal on)
+        # and the worker has dropped the parent's handlers.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:
-            # Not the parent's handlers: until the worker's own are in place, SIGTERM just ends it.
+            # Until the worker's own handlers are in place, SIGTERM just ends it.
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             try:
                 run_worker(True)
             except BaseException:
@@ -1449,6 +1454,7 @@ def _supervise(processes: int, run_worker: Callable[[bool], bool], sockets: list
                 _exit_now(1)
             _exit_now(0)
         workers[pid] = (number, time.monotonic())
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
     def on_signal(signal_number: int, frame: Any) -> None:
         nonlocal stopping
@@ -1466,8 +1472,8 @@ def _supervise(processes: int, run_worker: Callable[[bool], bool], sockets: list
             _logger.warning("Worker %d (pid %d) still running %d s after the signal: killed", number, pid, stuck_after)
             os.kill(pid, signal.SIGKILL)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signal_number in _STOP_SIGNALS:
+        signal.signal(signal_number, on_signal)
     for number in range(processes):
         start(number)
     while workers:

@@ -1035,7 +1035,7 @@ def project(tmp_path_factory):
 class ServerProcess:
     """A server started as a user would, whose output is read line by line."""
 
-    def __init__(self, project, *args, settings_module="project_settings"):
+    def __init__(self, project, *args, settings_module="project_settings", own_process_group=False):
         environment = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(project), os.path.dirname(os.path.abspath(django_tornado.__file__))]),
@@ -1049,6 +1049,7 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=own_process_group,  # a terminal's group, for Ctrl-C
         )
         self.output = []
         self._lines = queue.Queue()
@@ -1102,10 +1103,14 @@ class ServerProcess:
     def stop(self, signal_number=signal.SIGTERM, timeout=TIMEOUT):
         """Signal the server and return its exit code once it has exited."""
         self.process.send_signal(signal_number)
+        return self.wait_for_exit(signal.Signals(signal_number).name, timeout)
+
+    def wait_for_exit(self, cause, timeout=TIMEOUT):
+        """Return the exit code once the server has exited (after ``cause``) and all its output is read."""
         try:
             code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"still running {timeout} s after {signal.Signals(signal_number).name}; the output's last lines:\n" + self.last_lines())
+            pytest.fail(f"still running {timeout} s after {cause}; the output's last lines:\n" + self.last_lines())
         while (line := self._lines.get(timeout=TIMEOUT)) is not None:
             self.output.append(line)
         return code
@@ -1206,6 +1211,18 @@ def test_a_worker_that_cannot_stop_is_killed_after_the_grace_period(project):
             with pytest.raises(requests.ConnectionError):
                 stuck.result()
     assert any("still running 6 s after the signal: killed" in line for line in server.output)
+
+
+def test_ctrl_c_stops_every_worker_once_and_the_parent_exits_0(project):
+    with running(project, *runtornado("--processes", "2", "127.0.0.1:0"), own_process_group=True) as server:
+        (url,) = server.wait_for_banner()
+        workers = worker_pids(url, 2)
+        os.killpg(server.process.pid, signal.SIGINT)  # what Ctrl-C does: the whole group gets it
+        assert server.wait_for_exit("Ctrl-C") == 0
+    output = "".join(server.output)
+    for pid in workers:
+        assert output.count(f"Stopping (pid {pid})") == 1
+    assert "Second" not in output and "Traceback" not in output
 
 
 def test_runtornado_passes_its_limits_to_the_server(project):
