@@ -1217,6 +1217,8 @@ def serve(
     processes = processes or os.cpu_count() or 1
     if reload and processes != 1:
         raise ValueError("reload restarts a single process; it cannot be combined with processes > 1")
+    if not (grace_period >= 0 and math.isfinite(grace_period)):
+        raise ValueError(f"grace_period must be a number of seconds, 0 or more, not {grace_period!r}")
     if threads is not None and threads < 0:
         raise ValueError(f"threads must be 0 or more, not {threads!r}")
     for name, limit in [("max_body_size", max_body_size), ("max_header_size", max_header_size), ("header_timeout", header_timeout), ("idle_timeout", idle_timeout), ("body_timeout", body_timeout)]:
@@ -1435,7 +1437,7 @@ def _supervise(processes: int, run_worker: Callable[[bool], bool], sockets: list
     """
     workers: dict[int, tuple[int, float]] = {}  # pid -> (worker number, start time)
     stopping = 0
-    stuck_after = math.ceil(grace_period) + _STUCK_WORKER_WAIT  # seconds after the first signal
+    stuck_after = grace_period + _STUCK_WORKER_WAIT  # seconds after the first signal
 
     def start(number: int) -> None:
         # A signal waits until the parent knows the new worker (to pass the signal on)
@@ -1463,13 +1465,13 @@ def _supervise(processes: int, run_worker: Callable[[bool], bool], sockets: list
             for listening in sockets:
                 _refuse_new_handshakes(listening)
             signal.signal(signal.SIGALRM, kill_stuck_workers)
-            signal.alarm(stuck_after)
+            signal.setitimer(signal.ITIMER_REAL, stuck_after)
         for pid in workers:
             os.kill(pid, signal.SIGTERM if stopping == 1 else signal.SIGKILL)
 
     def kill_stuck_workers(signal_number: int, frame: Any) -> None:
         for pid, (number, _) in workers.items():
-            _logger.warning("Worker %d (pid %d) still running %d s after the signal: killed", number, pid, stuck_after)
+            _logger.warning("Worker %d (pid %d) still running %g s after the signal: killed", number, pid, stuck_after)
             os.kill(pid, signal.SIGKILL)
 
     for signal_number in _STOP_SIGNALS:
@@ -1490,7 +1492,7 @@ def _supervise(processes: int, run_worker: Callable[[bool], bool], sockets: list
             time.sleep(1)  # a worker that dies as it starts must not make the parent spin
         if not stopping:
             start(number)
-    signal.alarm(0)  # serve() returns to its caller, who has no use for a late SIGALRM
+    signal.setitimer(signal.ITIMER_REAL, 0)  # serve() returns to its caller, who has no use for a late SIGALRM
 
 
 # -- The runtornado command and python -m django_tornado -----------------------

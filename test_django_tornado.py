@@ -1378,6 +1378,7 @@ def busy_port():
         (["--reload", "--processes", "2", "8000"], "CommandError: reload restarts a single process"),
         (["--threads", "-1", "8000"], "CommandError: threads must be 0 or more, not -1"),
         (["--header-timeout", "0", "8000"], "CommandError: header_timeout must be more than 0, not 0.0"),
+        (["--grace-period", "inf", "8000"], "CommandError: grace_period must be a number of seconds, 0 or more, not inf"),
     ],
 )
 def test_bad_arguments_exit_non_zero_with_one_clear_line(project, busy_port, arguments, message):
