@@ -1113,8 +1113,7 @@ class _Listener:
         the sockets it shares with them.
         """
         if refuse_new_handshakes:
-            for listening in self.sockets:
-                _refuse_new_handshakes(listening)
+            _refuse_new_handshakes(self.sockets)
         await asyncio.sleep(_HANDSHAKE_WAIT)  # meanwhile, handshakes under way complete and are accepted
         self._closed = True
         if self._paused is not None:
@@ -1141,8 +1140,8 @@ _DROP_SYN = b"".join(
 )
 
 
-def _refuse_new_handshakes(listening: socket.socket) -> None:
-    """Have the kernel ignore new connection attempts on ``listening`` (Linux only).
+def _refuse_new_handshakes(sockets: list[socket.socket]) -> None:
+    """Have the kernel ignore new connection attempts on listening ``sockets`` (Linux only).
 
     Closing a listening socket resets the connections the kernel completed since
     the last accept(), with the requests already sent on them; on a busy machine
@@ -1150,10 +1149,13 @@ def _refuse_new_handshakes(listening: socket.socket) -> None:
     emptied before the socket is closed: a client that came too late retries its
     SYN, finds the port closed, and is refused, never reset.
     """
-    if sys.platform == "linux":
-        program = ctypes.create_string_buffer(_DROP_SYN)  # the kernel copies it
+    if sys.platform != "linux":
+        return
+    program = ctypes.create_string_buffer(_DROP_SYN)  # the kernel copies it
+    filter_option = struct.pack("HP", len(_DROP_SYN) // 8, ctypes.addressof(program))
+    for listening in sockets:
         with contextlib.suppress(OSError):
-            listening.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, struct.pack("HP", len(_DROP_SYN) // 8, ctypes.addressof(program)))
+            listening.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, filter_option)
 
 
 def serve(
@@ -1462,8 +1464,7 @@ def _supervise(processes: int, run_worker: Callable[[bool], bool], sockets: list
         nonlocal stopping
         stopping += 1
         if stopping == 1:
-            for listening in sockets:
-                _refuse_new_handshakes(listening)
+            _refuse_new_handshakes(sockets)
             signal.signal(signal.SIGALRM, kill_stuck_workers)
             signal.setitimer(signal.ITIMER_REAL, stuck_after)
         for pid in workers:

@@ -1325,7 +1325,7 @@ def test_a_connection_made_before_sigterm_gets_its_first_request_answered(projec
             response.begin()
             assert (response.status, response.headers["Connection"]) == (200, "close")
             assert silent.recv(1) == b""  # one that never asks does not hold the shutdown
-            assert server.process.wait(TIMEOUT) == 0
+            assert server.wait_for_exit("SIGTERM") == 0
             assert time.monotonic() - started < 3
 
 
