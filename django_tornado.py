@@ -46,6 +46,7 @@ its headers reach the late answer.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -56,6 +57,7 @@ import errno
 import functools
 import inspect
 import io
+import json
 import logging
 import math
 import os
@@ -67,7 +69,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TextIO
 
 import django
@@ -87,6 +89,7 @@ from asgiref.sync import ThreadSensitiveContext, iscoroutinefunction, sync_to_as
 from django.apps import apps
 from django.conf import ENVIRONMENT_VARIABLE, settings
 from django.core import signals
+from django.core.exceptions import ImproperlyConfigured
 from django.core.handlers.base import BaseHandler
 from django.core.handlers.wsgi import (
     WSGIHandler,
@@ -101,13 +104,19 @@ from django.core.management.base import (
     handle_default_options,
 )
 from django.db import connections
-from django.http import FileResponse, HttpRequest, HttpResponse, HttpResponseBase
+from django.http import (
+    FileResponse,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBase,
+    StreamingHttpResponse,
+)
 from django.urls import Resolver404, get_resolver, set_script_prefix
 from django.utils.cache import add_never_cache_headers
 from django.utils.module_loading import import_string
 
 __version__ = "0.1.0"
-__all__ = ["Command", "DjangoHandler", "asynchronous", "main", "make_app", "serve"]
+__all__ = ["Channel", "ChannelUnavailable", "Command", "DjangoHandler", "EventStream", "asynchronous", "main", "make_app", "serve"]
 
 _logger = logging.getLogger(__name__)
 
@@ -273,10 +282,9 @@ class _DjangoBridge:
 
             self.wsgi_handler = StaticFilesHandler(self.wsgi_handler)
         self.calls_from_threads = _CallsFromThreads()
-        self.executor = concurrent.futures.ThreadPoolExecutor(threads, "django") if threads else None
-        self.reserved_executor = (
-            concurrent.futures.ThreadPoolExecutor(min(threads, _RESERVED_THREADS), "django-asynchronous") if threads else None
-        )
+        self.loop: asyncio.AbstractEventLoop | None = None  # the IOLoop serving, known from the first request
+        self.executor = self._pool(threads, "django")
+        self.reserved_executor = self._pool(min(threads, _RESERVED_THREADS), "django-asynchronous")
         self.active_handlers: set[DjangoHandler] = set()  # requests in progress, for a graceful shutdown
         self.deferred_handlers: set[DjangoHandler] = set()  # those parked until the view answers
         self.stopping = False
@@ -284,6 +292,13 @@ class _DjangoBridge:
         self._async_handler: BaseHandler | None = None
         self._resolver = None
         self._routes: dict[str, str] = {}
+
+    def _pool(self, threads: int, name: str) -> concurrent.futures.ThreadPoolExecutor | None:
+        """A pool of ``threads`` threads that know their IOLoop (a channel read there reads on it); None for 0."""
+        return concurrent.futures.ThreadPoolExecutor(threads, name, initializer=self._know_loop) if threads else None
+
+    def _know_loop(self) -> None:
+        _thread_state.loop = self.loop  # a pool thread starts at its first task, from the IOLoop
 
     @property
     def async_handler(self) -> BaseHandler:
@@ -369,9 +384,10 @@ class _DjangoBridge:
         Return True if every request finished in time.
         """
         self.stopping = True
+        loop = asyncio.get_running_loop()
+        _stop_channel_readers(loop)  # long-polls on channels get no events, event streams end
         for handler in list(self.deferred_handlers):
             handler.answer_for_shutdown()
-        loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_period
         while self.active_handlers:
             self._idle = loop.create_future()
@@ -403,6 +419,8 @@ class DjangoHandler(tornado.web.RequestHandler):
     def initialize(self, bridge: _DjangoBridge) -> None:
         self.bridge = bridge
         self.loop = tornado.ioloop.IOLoop.current()
+        if bridge.loop is None:
+            bridge.loop = self.loop.asyncio_loop
         self._loop_thread = threading.get_ident()
         self._body: io.IOBase = io.BytesIO()
         self._in_django = False  # Django is still working on this request (middleware, view)
@@ -411,6 +429,7 @@ class DjangoHandler(tornado.web.RequestHandler):
         self._view_deferred = False  # an @asynchronous view returned None: it answers later
         self._headers_set_meanwhile: set[str] = set()
         self._disconnect_callbacks: list[Callable[[], None]] = []
+        self._over_callbacks: list[Callable[[], None]] = []  # run when the request ends, however it ends
         self._answered: asyncio.Future[None] | None = None
         self._task: asyncio.Task[Any] | None = None  # Django work on the IOLoop the client leaving cancels
         self._expiry: object | None = None
@@ -632,6 +651,7 @@ class DjangoHandler(tornado.web.RequestHandler):
             else:
                 self.bridge.calls_from_threads.call_soon(self.loop, run, *more_args, **more_kwargs)
 
+        call_on_loop.tornado_handler = self  # Channel.query forgets its callback when this request ends
         return call_on_loop
 
     def _on_loop_thread(self) -> bool:
@@ -663,6 +683,15 @@ class DjangoHandler(tornado.web.RequestHandler):
             self.loop.add_callback(callback)
         else:
             self._disconnect_callbacks.append(callback)
+
+    def _when_over(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the IOLoop once the request has ended, in whatever way (from any thread)."""
+        if not self._on_loop_thread():
+            self.loop.add_callback(self._when_over, callback)
+        elif self._done:
+            callback()
+        else:
+            self._over_callbacks.append(callback)
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
@@ -698,6 +727,9 @@ class DjangoHandler(tornado.web.RequestHandler):
     def _mark_done(self) -> None:
         self._done = True
         self._disconnect_callbacks = []
+        callbacks, self._over_callbacks = self._over_callbacks, []
+        for callback in callbacks:
+            callback()
         if self._expiry is not None:
             self.loop.remove_timeout(self._expiry)
             self._expiry = None
@@ -817,6 +849,885 @@ def _handler_of(request: HttpRequest, view: Callable[..., Any]) -> DjangoHandler
             f"The view {view.__module__}.{view.__qualname__} is @asynchronous and needs the Tornado "
             "handler: serve it with django_tornado (make_app, serve or runtornado)."
         ) from None
+
+
+# -- Live updates: channels of events, and the streams that read them ---------------
+# A Channel is a handle: its events live in a backend (this process's memory, or
+# Redis with TORNADO_CHANNELS_URL), and its readers (long-polls, event streams,
+# listen()) in a hub, one per IOLoop, that follows each channel they read.
+
+_CHANNEL_NAME = re.compile(r"[A-Za-z0-9._:-]{1,200}")
+_EVENT_NAME = re.compile(r"[^\r\n]{1,200}")  # one line: it becomes SSE's "event:" field
+_EVENT_ID = re.compile(r"[0-9]{1,19}")  # fits in 64 bits
+_RESET = "reset"  # the event readers get first when events after their ``since`` are gone
+_WATCH_LINGER = 30.0  # seconds a hub keeps following a channel nobody reads (its long-polls come back)
+_SWEEP_EVERY = 10.0  # seconds between looks for memory channels past their retention
+_EVENT_STREAM_MAX_QUEUED = 1024 * 1024  # bytes an event stream may leave waiting for a reader who doesn't read
+_REDIS_TIMEOUT = 2.0  # seconds a Redis command may take before its caller hears that it failed
+_REDIS_PING_EVERY = 10.0  # a quiet subscription is pinged, so that a dead connection is noticed
+_REDIS_RETRY_EVERY = 1.0  # seconds between attempts to reach a Redis that is down
+_REDIS_PREFIX = "django_tornado:"
+
+_thread_state = threading.local()  # ``loop``: the IOLoop whose requests a pool thread runs
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ChannelUnavailable(ConnectionError):
+    """The channels' backend (Redis) can't be reached; raised in the caller of ``publish``, ``since`` and ``size``."""
+
+
+class _Event(dict):
+    """One event, ``{"id": int, "data": ...}`` plus ``"event"`` when it has a name.
+
+    Every reader of an event gets this same mapping, so it is never changed once
+    made; what the transports send of it is encoded once, the first time.
+    """
+
+    __slots__ = ("_data_json", "_frame")
+
+    def __init__(self, event_id: int, data: Any, name: str | None, data_json: str | None = None) -> None:
+        super().__init__(id=event_id, data=data)
+        if name is not None:
+            self["event"] = name
+        self._data_json = data_json
+        self._frame: bytes | None = None
+
+    def sse_frame(self) -> bytes:
+        """The event as Server-Sent Events fields (``id:``, ``event:``, ``data:``)."""
+        if self._frame is None:
+            if self._data_json is None:
+                self._data_json = _json_text(self["data"])
+            name = f"event: {self['event']}\n" if "event" in self else ""
+            self._frame = f"id: {self['id']}\n{name}data: {self._data_json}\n\n".encode()
+        return self._frame
+
+
+def _json_text(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"), allow_nan=False)
+
+
+def _encode_event_data(data: Any) -> str:
+    try:
+        return _json_text(data)
+    except TypeError as error:
+        raise TypeError(f"an event's data must be JSON-encodable: {error}") from None
+    except ValueError as error:  # NaN and infinities: Python writes them, JSON parsers refuse them
+        raise TypeError(f"an event's data must be JSON-encodable: {error}") from None
+
+
+def _check_event_name(name: str | None) -> str | None:
+    if name is not None and not (isinstance(name, str) and _EVENT_NAME.fullmatch(name)):
+        raise ValueError(f"an event name is 1-200 characters on one line, not {name!r}")
+    return name
+
+
+def _check_event_id(event_id: Any, what: str = "since") -> int:
+    if isinstance(event_id, bool) or not isinstance(event_id, int) or event_id < 0:
+        raise ValueError(f"{what} must be an event id (an int, 0 or more), not {event_id!r}")
+    return event_id
+
+
+def _parse_event_id(text: str, what: str) -> int:
+    if not _EVENT_ID.fullmatch(text):
+        raise ValueError(f"{what} must be an event id (digits only), not {text[:40]!r}")
+    return int(text)
+
+
+class Channel:
+    """A named stream of events: publish from any code; read with long-polls, ``EventStream`` or ``listen()``.
+
+    Channels of one name are one channel in every process that shares the
+    backend (``settings.TORNADO_CHANNELS_URL``: this process's memory by
+    default, or Redis). Each event gets an ``id``: an int from the millisecond
+    clock, bumped on ties, so that ids strictly increase and a client that
+    only knows the time can ask for what came after it. The last ``backlog``
+    events are kept for readers that catch up; a channel with no reader and no
+    event for ``retention`` seconds is forgotten. Creating one costs nothing.
+    """
+
+    def __init__(self, name: str, *, backlog: int = 1000, retention: float = 86400) -> None:
+        if not isinstance(name, str) or not _CHANNEL_NAME.fullmatch(name):
+            raise ValueError(f"a channel name is 1-200 letters, digits and '._:-', not {name!r}")
+        if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 1:
+            raise ValueError(f"backlog must be a number of events, 1 or more, not {backlog!r}")
+        if not (isinstance(retention, (int, float)) and 0 < retention < math.inf):
+            raise ValueError(f"retention must be a number of seconds, more than 0, not {retention!r}")
+        self.name = name
+        self.backlog = backlog
+        self.retention = retention
+
+    def __repr__(self) -> str:
+        return f"Channel({self.name!r})"
+
+    def publish(self, data: Any, *, event: str | None = None) -> int:
+        """Add an event with ``data`` (and the name ``event``) and wake the channel's readers; return its id.
+
+        Safe from any thread and from the IOLoop. ``data`` is anything ``json``
+        encodes (TypeError otherwise). In memory this never waits; with Redis it
+        waits for one round trip, and raises ChannelUnavailable if Redis can't
+        be reached.
+        """
+        data_json = _encode_event_data(data)
+        return _channel_backend().publish(self, data_json, _check_event_name(event))
+
+    def since(self, last_id: int) -> list[dict[str, Any]]:
+        """Return the events in the backlog after ``last_id``, oldest first."""
+        return _channel_backend().since(self.name, _check_event_id(last_id, "last_id"))
+
+    def size(self) -> int:
+        """Return the number of events in the backlog."""
+        return _channel_backend().size(self.name)
+
+    def query(self, callback: Callable[[list[dict[str, Any]]], Any], since: int) -> Callable[[], None]:
+        """Call ``callback(events)`` once, on the IOLoop, with the events after ``since``.
+
+        That is at once if there are some, else at the next publish (or with no
+        events when the server stops). Return a function that cancels the query,
+        for a client that leaves; a callback made by ``handler.async_callback``
+        is cancelled by itself when its request ends.
+        """
+        since = _check_event_id(since)
+
+        def answer(events: list[_Event]) -> None:
+            reader.cancel()
+            callback(events)
+
+        reader = _Reader(self, since, answer, lambda: answer([]), catch_up=False)
+        reader.start()
+        handler = getattr(callback, "tornado_handler", None)
+        if handler is not None:
+            handler._when_over(reader.cancel)
+        return reader.cancel
+
+    def listen(self, since: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Iterate, in a coroutine, over the events after ``since`` (None: from now) as they come.
+
+        Holds no thread. If events after ``since`` are no longer in the backlog
+        (or the loop falls ``backlog`` events behind), an event named "reset"
+        comes first. The iteration ends when the server stops.
+        """
+        return self._listen(None if since is None else _check_event_id(since))
+
+    async def _listen(self, since: int | None) -> AsyncIterator[dict[str, Any]]:
+        inbox = _EventInbox(self.backlog)
+        reader = _Reader(self, since, inbox.put, inbox.end)
+        reader.start()
+        try:
+            while (events := await inbox.take()) is not None:
+                for event in events:
+                    yield event
+        finally:
+            reader.cancel()
+
+
+def _reset_event(floor: int) -> _Event:
+    return _Event(floor, None, _RESET)
+
+
+class _Reader:
+    """One reader of one channel, on one IOLoop: it gets each event after its cursor once, in order.
+
+    ``deliver(events)`` and ``end()`` (the server stops) run on the IOLoop. A
+    reader with ``catch_up`` is told, with a "reset" event, when events after
+    its ``since`` are gone from the backlog.
+    """
+
+    __slots__ = ("cancelled", "catch_up", "channel", "cursor", "deliver", "end", "fresh", "hub")
+
+    def __init__(self, channel: Channel, since: int | None, deliver: Callable[[list[_Event]], Any], end: Callable[[], Any], *, catch_up: bool = True) -> None:
+        self.channel = channel
+        self.cursor = since  # the id of the last event it has had; None ("from now") until the hub has it
+        self.fresh = True  # not yet checked against the backlog
+        self.deliver = deliver
+        self.end = end
+        self.catch_up = catch_up
+        self.hub: _Hub | None = None
+        self.cancelled = False
+
+    def start(self) -> None:
+        """Start reading, from any thread (a pool thread of a django_tornado server too)."""
+        self.hub = _channel_backend().hub(_readers_loop())
+        self.hub.call(self.hub.add, self)
+
+    def cancel(self) -> None:
+        """Stop reading, from any thread; nothing is delivered afterwards."""
+        if not self.cancelled:
+            self.cancelled = True
+            if self.hub is not None:
+                self.hub.call(self.hub.remove, self)
+
+
+def _readers_loop() -> asyncio.AbstractEventLoop:
+    """The event loop readers started here live on: the running one, or a pool thread's server's."""
+    loop = asyncio.events._get_running_loop() or getattr(_thread_state, "loop", None)
+    if loop is None:
+        raise RuntimeError("reading a Channel needs an IOLoop: do it on the IOLoop, or in a view served by django_tornado")
+    return loop
+
+
+class _EventInbox:
+    """Events waiting for a ``listen()`` loop; past ``limit`` the oldest go and a "reset" takes their place."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.events: list[_Event] = []
+        self.ended = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put(self, events: list[_Event]) -> None:
+        self.events.extend(events)
+        if len(self.events) > self.limit:
+            dropped = self.events[-self.limit - 1]["id"]
+            self.events = [_reset_event(dropped), *self.events[-self.limit :]]
+        self._wake()
+
+    def end(self) -> None:
+        self.ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self) -> list[_Event] | None:
+        """The events that came since the last call (waiting for some), or None once it has ended."""
+        while not self.events:
+            if self.ended:
+                return None
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        events, self.events = self.events, []
+        return events
+
+
+class _Watch:
+    """A hub's view of one channel: its readers there, and the id of the last event the hub has seen."""
+
+    __slots__ = ("cursor", "linger", "name", "pump", "readers", "stale")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.readers: set[_Reader] = set()
+        self.cursor: int | None = None  # None until the backend has been asked
+        self.stale = False  # the backlog must be read: a reader catches up, or an event was missed
+        self.pump: asyncio.Task[None] | None = None
+        self.linger: asyncio.TimerHandle | None = None
+
+
+class _Hub:
+    """The readers of every channel on one IOLoop; the backend wakes it when a channel gets an event.
+
+    An event goes straight to the readers when it follows the last one the hub
+    saw; otherwise (a reader catching up, a missed wake-up, a reconnection to
+    Redis) the hub reads the backlog after the lowest cursor and hands each
+    reader what it lacks. Everything but ``call`` runs on the hub's loop.
+    """
+
+    def __init__(self, backend: _MemoryBackend | _RedisBackend, loop: asyncio.AbstractEventLoop) -> None:
+        self.backend = backend
+        self.loop = loop
+        self.watches: dict[str, _Watch] = {}
+        self.stopping = False
+        self.tasks: set[asyncio.Task[Any]] = set()  # running, referenced so that none vanishes
+
+    def call(self, function: Callable[..., Any], *args: Any) -> None:
+        """Run ``function(*args)`` on the hub's loop: now if this is its thread, else soon."""
+        if asyncio.events._get_running_loop() is self.loop:
+            function(*args)
+        else:
+            self.loop.call_soon_threadsafe(function, *args)
+
+    def spawn(self, coroutine: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = self.loop.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def add(self, reader: _Reader) -> None:
+        if reader.cancelled:
+            return
+        if self.stopping:
+            reader.end()
+            return
+        watch = self.watches.get(reader.channel.name)
+        if watch is None:
+            watch = self.watches[reader.channel.name] = _Watch(reader.channel.name)
+            self.backend.watch(self, watch.name)
+        elif watch.linger is not None:
+            watch.linger.cancel()
+            watch.linger = None
+        watch.readers.add(reader)
+        if reader.cursor is None:  # "from now": after the last event there is at this moment
+            reader.cursor = watch.cursor if watch.cursor is not None else self.backend.last_id(watch.name)
+            reader.catch_up = False
+        if watch.cursor is not None and reader.cursor >= watch.cursor:
+            reader.fresh = False  # in step with the hub
+        else:
+            self.wake(watch.name)
+
+    def remove(self, reader: _Reader) -> None:
+        watch = self.watches.get(reader.channel.name)
+        if watch is None or reader not in watch.readers:
+            return
+        watch.readers.discard(reader)
+        if not watch.readers and watch.linger is None:
+            watch.linger = self.loop.call_later(_WATCH_LINGER, self._forget, watch)
+
+    def _forget(self, watch: _Watch) -> None:
+        watch.linger = None
+        if not watch.readers and self.watches.get(watch.name) is watch:
+            del self.watches[watch.name]
+            self.backend.unwatch(self, watch.name)
+
+    def published(self, name: str, previous_id: int, event: _Event) -> None:
+        """The backend says: ``event`` was published to ``name`` after the event ``previous_id``."""
+        watch = self.watches.get(name)
+        if watch is None or (watch.cursor is not None and event["id"] <= watch.cursor):
+            return  # not read here, or already read from the backlog
+        if watch.cursor == previous_id and not watch.stale and watch.pump is None:
+            self._deliver(watch, [event], previous_id, event["id"], None)
+        else:
+            self.wake(name)
+
+    def wake(self, name: str) -> None:
+        """Have the backlog of ``name`` read, and each of its readers given what it lacks."""
+        watch = self.watches.get(name)
+        if watch is None:
+            return
+        watch.stale = True
+        if watch.pump is None:
+            watch.pump = self.spawn(self._pump(watch))
+
+    def wake_all(self) -> None:
+        for name in list(self.watches):
+            self.wake(name)
+
+    async def _pump(self, watch: _Watch) -> None:
+        try:
+            while watch.stale and not self.stopping:
+                watch.stale = False
+                cursors = [reader.cursor for reader in watch.readers if reader.fresh]
+                if watch.cursor is not None:
+                    cursors.append(watch.cursor)
+                if not cursors:
+                    continue  # its readers have gone
+                after = min(cursors)
+                events, last_id, floor = await self.backend.read(watch.name, after)
+                self._deliver(watch, events, after, last_id, floor)
+        except ChannelUnavailable:
+            watch.stale = True  # read again when Redis is back (the subscription's return wakes every channel)
+            self.loop.call_later(_REDIS_RETRY_EVERY, self.wake, watch.name)
+        finally:
+            watch.pump = None
+
+    def _deliver(self, watch: _Watch, events: list[_Event], after: int, last_id: int, floor: int | None) -> None:
+        """Give each reader of ``watch`` the ``events`` (those after ``after``) newer than its cursor.
+
+        A fresh reader is told first, with a "reset" event, if events after its
+        cursor are gone (``floor``: the last id known lost). One whose cursor is
+        below ``after`` came while the backlog was being read: the next reading
+        covers it.
+        """
+        watch.cursor = last_id if watch.cursor is None else max(watch.cursor, last_id)
+        ids = [event["id"] for event in events]
+        for reader in list(watch.readers):
+            if reader.cursor < after or reader.cancelled:
+                continue
+            new = events[bisect.bisect_right(ids, reader.cursor) :]
+            if reader.fresh and floor is not None:
+                reader.fresh = False
+                if reader.catch_up and floor > reader.cursor:
+                    new = [_reset_event(floor), *new]
+            if new:
+                reader.cursor = max(reader.cursor, new[-1]["id"])
+                try:
+                    reader.deliver(new)
+                except Exception:
+                    _logger.exception("Error delivering events of %r", reader.channel)
+
+    def shutdown(self) -> None:
+        """The server stops: every reader ends (a query is answered with no events), and new ones end at once."""
+        self.stopping = True
+        for watch in self.watches.values():
+            for reader in list(watch.readers):
+                watch.readers.discard(reader)
+                try:
+                    reader.end()
+                except Exception:
+                    _logger.exception("Error ending a reader of %r", reader.channel)
+
+
+class _Backends:
+    """What every backend shares: its hubs, one per event loop."""
+
+    def __init__(self) -> None:
+        self.hubs: dict[asyncio.AbstractEventLoop, _Hub] = {}
+        self._hubs_lock = threading.Lock()
+
+    def hub(self, loop: asyncio.AbstractEventLoop) -> _Hub:
+        hub = self.hubs.get(loop)
+        if hub is None:
+            with self._hubs_lock:
+                hub = self.hubs.setdefault(loop, _Hub(self, loop))
+        return hub
+
+
+class _MemoryChannel:
+    __slots__ = ("events", "floor", "hubs", "ids", "last_id", "retention", "touched")
+
+    def __init__(self) -> None:
+        self.events: list[_Event] = []
+        self.ids: list[int] = []
+        self.last_id = 0
+        self.floor = _now_ms() - 1  # what came before this process kept the channel is not known
+        self.hubs: set[_Hub] = set()
+        self.retention = 0.0
+        self.touched = time.monotonic()
+
+
+class _MemoryBackend(_Backends):
+    """Channels in this process's memory: one process, however many ports (the default)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.channels: dict[str, _MemoryChannel] = {}
+        self.next_sweep = time.monotonic() + _SWEEP_EVERY
+
+    def _channel(self, name: str) -> _MemoryChannel:
+        """The channel ``name``, made if need be; under the lock."""
+        state = self.channels.get(name)
+        if state is None:
+            state = self.channels[name] = _MemoryChannel()
+        return state
+
+    def publish(self, channel: Channel, data_json: str, name: str | None) -> int:
+        event_data = json.loads(data_json)  # a copy: what the caller changes later is not changed here
+        with self.lock:
+            state = self._channel(channel.name)
+            previous_id = state.last_id
+            event = _Event(max(_now_ms(), previous_id + 1), event_data, name, data_json)
+            state.events.append(event)
+            state.ids.append(event["id"])
+            if len(state.events) > channel.backlog:
+                state.floor = max(state.floor, state.ids[-channel.backlog - 1])
+                del state.events[: -channel.backlog], state.ids[: -channel.backlog]
+            state.last_id = event["id"]
+            state.retention, state.touched = channel.retention, time.monotonic()
+            hubs = list(state.hubs)
+            self._sweep()
+        for hub in hubs:
+            hub.call(hub.published, channel.name, previous_id, event)
+        return event["id"]
+
+    def since(self, name: str, last_id: int) -> list[dict[str, Any]]:
+        with self.lock:
+            state = self.channels.get(name)
+            return [] if state is None else state.events[bisect.bisect_right(state.ids, last_id) :]
+
+    def size(self, name: str) -> int:
+        with self.lock:
+            state = self.channels.get(name)
+            return 0 if state is None else len(state.events)
+
+    def last_id(self, name: str) -> int:
+        """The id of the channel's last event, after which a reader "from now" starts."""
+        with self.lock:
+            state = self.channels.get(name)
+            return 0 if state is None else state.last_id
+
+    async def read(self, name: str, after: int) -> tuple[list[_Event], int, int]:
+        """The events after ``after``, the channel's last id, and its floor (the last id known to be lost)."""
+        with self.lock:
+            state = self._channel(name)
+            return state.events[bisect.bisect_right(state.ids, after) :], state.last_id, state.floor
+
+    def watch(self, hub: _Hub, name: str) -> None:
+        with self.lock:
+            self._channel(name).hubs.add(hub)
+
+    def unwatch(self, hub: _Hub, name: str) -> None:
+        with self.lock:
+            state = self.channels.get(name)
+            if state is not None:
+                state.hubs.discard(hub)
+                state.touched = time.monotonic()
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Forget the channels nobody has read or published to for their retention; under the lock."""
+        now = time.monotonic()
+        if now < self.next_sweep:
+            return
+        self.next_sweep = now + _SWEEP_EVERY
+        clock = _now_ms()
+        for name in [
+            name
+            for name, state in self.channels.items()
+            # An id must never come back: wait for the clock to pass the last one.
+            if not state.hubs and now - state.touched > state.retention and state.last_id < clock
+        ]:
+            del self.channels[name]
+
+
+class _RedisBackend(_Backends):
+    """Channels in Redis, shared by every process (and machine) that uses the same Redis.
+
+    The backlog in Redis is the truth: a Lua script stamps, stores, trims and
+    announces each event in one step. Each process holds one subscription (per
+    IOLoop) for all the channels its readers follow; an announcement carries
+    the event and the id before it, so a process that missed one notices at the
+    next and reads the backlog. Publishing uses a blocking client, so that it
+    works in any thread and in processes with no IOLoop at all.
+    """
+
+    PUBLISH = """
+        local time = redis.call('TIME')
+        local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+        local meta = redis.call('HMGET', KEYS[2], 'last', 'floor')
+        local previous, floor = tonumber(meta[1]), tonumber(meta[2])
+        if not previous then  -- a new channel, or one Redis forgot: what came before is not known
+            previous, floor = 0, now - 1
+        end
+        local id = math.max(now, previous + 1)
+        local member = '{"id":' .. string.format('%d', id) .. ',"data":' .. ARGV[1]
+        if ARGV[2] ~= '' then member = member .. ',"event":' .. cjson.encode(ARGV[2]) end
+        member = member .. '}'
+        redis.call('ZADD', KEYS[1], id, member)
+        local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[3])
+        if excess > 0 then
+            local dropped = redis.call('ZRANGE', KEYS[1], excess - 1, excess - 1, 'WITHSCORES')
+            floor = math.max(floor, tonumber(dropped[2]))
+            redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
+        end
+        redis.call('HSET', KEYS[2], 'last', string.format('%d', id), 'floor', string.format('%d', floor))
+        -- Kept for the retention, and until the clock has passed the last id, which must never come back.
+        local ttl = tonumber(ARGV[4]) + math.max(0, math.ceil((id - now) / 1000))
+        redis.call('EXPIRE', KEYS[1], ttl)
+        redis.call('EXPIRE', KEYS[2], ttl)
+        redis.call('PUBLISH', ARGV[5], string.format('%d', previous) .. ' ' .. member)
+        return id
+    """
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        try:
+            import redis
+            import redis.asyncio
+            import redis.asyncio.retry
+            import redis.backoff
+            import redis.retry
+        except ImportError:
+            raise ImproperlyConfigured(
+                "TORNADO_CHANNELS_URL names Redis, which needs redis-py: pip install 'django-on-tornado[redis]'"
+            ) from None
+        self.redis = redis
+        self.url = url
+        self.shown_url = re.sub(r"//[^@/]*@", "//", url)  # without a password
+        options = {"socket_timeout": _REDIS_TIMEOUT, "socket_connect_timeout": _REDIS_TIMEOUT, "decode_responses": True}
+        # One retry: a connection Redis closed (a restart) is replaced at once; a Redis that is down fails fast.
+        try:
+            self.client = redis.Redis.from_url(url, retry=redis.retry.Retry(redis.backoff.NoBackoff(), 1), **options)
+        except ValueError as error:
+            raise ImproperlyConfigured(f"TORNADO_CHANNELS_URL: {error}") from None
+        self.async_options = {**options, "retry": redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 1)}
+        self.publish_script = self.client.register_script(self.PUBLISH)
+        self.reachable = True
+        self.retry_at = 0.0  # while Redis is down, the IOLoop does not wait for it again before this (monotonic)
+        self.state_lock = threading.Lock()
+        self.async_clients: dict[asyncio.AbstractEventLoop, Any] = {}  # redis.asyncio clients, one per loop
+        self.subscriptions: dict[_Hub, asyncio.Task[None]] = {}  # each hub's subscription loop
+        self.pubsubs: dict[_Hub, Any] = {}  # and its connection, while subscribed
+
+    @staticmethod
+    def key(name: str) -> str:
+        return f"{_REDIS_PREFIX}{{{name}}}"  # the braces keep a channel's keys in one Redis Cluster slot
+
+    def _call(self, what: str, name: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a blocking Redis command; ChannelUnavailable if Redis can't be reached."""
+        on_loop = asyncio.events._get_running_loop() is not None
+        if on_loop and not self.reachable and time.monotonic() < self.retry_at:
+            raise ChannelUnavailable(f"can't {what} {name!r}: Redis at {self.shown_url} is unreachable")
+        try:
+            result = function(*args, **kwargs)
+        except (self.redis.ConnectionError, self.redis.TimeoutError, OSError) as error:
+            self.lost(error)
+            raise ChannelUnavailable(f"can't {what} {name!r}: Redis at {self.shown_url} is unreachable ({error})") from None
+        self.found()
+        return result
+
+    def lost(self, error: BaseException) -> None:
+        """Note an outage: one log line for it, however many callers fail."""
+        with self.state_lock:
+            self.retry_at = time.monotonic() + _REDIS_RETRY_EVERY
+            if not self.reachable:
+                return
+            self.reachable = False
+        _logger.warning("Redis at %s is unreachable (%s): publishing fails, readers wait for it", self.shown_url, error)
+
+    def found(self) -> None:
+        if self.reachable:
+            return
+        with self.state_lock:
+            if self.reachable:
+                return
+            self.reachable = True
+        _logger.warning("Redis at %s is reachable again", self.shown_url)
+
+    def publish(self, channel: Channel, data_json: str, name: str | None) -> int:
+        key = self.key(channel.name)
+        return int(self._call(
+            "publish to", channel.name, self.publish_script,
+            keys=[f"{key}:events", f"{key}:meta"],
+            args=[data_json, name or "", channel.backlog, math.ceil(channel.retention), key],
+        ))
+
+    def since(self, name: str, last_id: int) -> list[dict[str, Any]]:
+        members = self._call("read", name, self.client.zrangebyscore, f"{self.key(name)}:events", f"({last_id}", "+inf")
+        return [_event_from_json(member) for member in members]
+
+    def size(self, name: str) -> int:
+        return self._call("read", name, self.client.zcard, f"{self.key(name)}:events")
+
+    def _async_client(self, loop: asyncio.AbstractEventLoop) -> Any:
+        client = self.async_clients.get(loop)
+        if client is None:
+            client = self.async_clients[loop] = self.redis.asyncio.Redis.from_url(self.url, **self.async_options)
+        return client
+
+    def last_id(self, name: str) -> int:
+        """Where a reader "from now" starts: the clock, since the IOLoop must not wait for Redis."""
+        return _now_ms() - 1
+
+    async def read(self, name: str, after: int) -> tuple[list[_Event], int, int]:
+        key = self.key(name)
+        try:
+            async with self._async_client(asyncio.get_running_loop()).pipeline(transaction=True) as pipeline:
+                pipeline.zrangebyscore(f"{key}:events", f"({after}", "+inf")
+                pipeline.hmget(f"{key}:meta", "last", "floor")
+                members, (last_id, floor) = await pipeline.execute()
+        except (self.redis.ConnectionError, self.redis.TimeoutError, OSError) as error:
+            self.lost(error)
+            raise ChannelUnavailable(f"can't read {name!r}: Redis at {self.shown_url} is unreachable ({error})") from None
+        self.found()
+        if last_id is None:  # no such channel (yet, or any more): nothing before now is known
+            return [], 0, _now_ms() - 1
+        return [_event_from_json(member) for member in members], int(last_id), int(floor)
+
+    def watch(self, hub: _Hub, name: str) -> None:
+        subscription = self.subscriptions.get(hub)
+        if subscription is None or subscription.done():
+            self.subscriptions[hub] = hub.spawn(self._subscribe(hub))
+        elif hub in self.pubsubs:
+            hub.spawn(self._command(self.pubsubs[hub].subscribe, self.key(name)))
+
+    def unwatch(self, hub: _Hub, name: str) -> None:
+        if hub in self.pubsubs:
+            hub.spawn(self._command(self.pubsubs[hub].unsubscribe, self.key(name)))
+
+    async def _command(self, command: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        with contextlib.suppress(self.redis.RedisError, OSError):  # the subscription's loop sees the connection fail
+            await command(*args)
+
+    async def _subscribe(self, hub: _Hub) -> None:
+        """Hold this hub's one subscription while it follows channels, reconnecting after a failure.
+
+        Each channel's subscription, once confirmed, has its backlog read, so
+        that nothing published before the subscription took effect is missed.
+        """
+        client = self._async_client(hub.loop)
+        while hub.watches and not hub.stopping:
+            pubsub = client.pubsub()
+            try:
+                names = list(hub.watches)
+                await pubsub.subscribe(*(self.key(name) for name in names))
+                # Channels followed or forgotten meanwhile (watch() waits while connecting):
+                self.pubsubs[hub] = pubsub
+                if missing := set(hub.watches) - set(names):
+                    await pubsub.subscribe(*(self.key(name) for name in missing))
+                if extra := set(names) - set(hub.watches):
+                    await pubsub.unsubscribe(*(self.key(name) for name in extra))
+                pinged = False
+                while hub.watches and not hub.stopping:
+                    message = await pubsub.get_message(timeout=_REDIS_PING_EVERY)
+                    if message is None:
+                        if pinged:
+                            raise self.redis.ConnectionError(f"no answer to a ping in {_REDIS_PING_EVERY} s")
+                        await pubsub.ping()
+                        pinged = True
+                        continue
+                    pinged = False
+                    self.found()
+                    self._received(hub, message)
+            except (self.redis.ConnectionError, self.redis.TimeoutError, OSError) as error:
+                self.lost(error)
+                await asyncio.sleep(_REDIS_RETRY_EVERY)
+            finally:
+                self.pubsubs.pop(hub, None)
+                with contextlib.suppress(Exception):
+                    # aclose() is redis-py 5.0.1's name for reset(); reset() alone is in 5.0.0.
+                    await (getattr(pubsub, "aclose", None) or pubsub.reset)()
+
+    def _received(self, hub: _Hub, message: dict[str, Any]) -> None:
+        kind, key = message["type"], message.get("channel") or ""
+        name = key[len(_REDIS_PREFIX) + 1 : -1]  # "django_tornado:{name}"
+        if kind == "subscribe":
+            hub.wake(name)
+        elif kind == "message":
+            previous_id, _, member = message["data"].partition(" ")
+            hub.published(name, int(previous_id), _event_from_json(member))
+
+
+def _event_from_json(member: str) -> _Event:
+    event = json.loads(member)
+    return _Event(event["id"], event["data"], event.get("event"))
+
+
+_backends: dict[str, _MemoryBackend | _RedisBackend] = {}
+_backends_lock = threading.Lock()
+
+
+def _channel_backend() -> _MemoryBackend | _RedisBackend:
+    """The backend ``settings.TORNADO_CHANNELS_URL`` names, made the first time it is used."""
+    url = getattr(settings, "TORNADO_CHANNELS_URL", None) or "memory://"
+    backend = _backends.get(url)
+    if backend is None:
+        with _backends_lock:
+            backend = _backends.get(url)
+            if backend is None:
+                if url == "memory://":
+                    backend = _MemoryBackend()
+                elif url.startswith(("redis://", "rediss://", "unix://")):
+                    backend = _RedisBackend(url)
+                else:
+                    raise ImproperlyConfigured(f"TORNADO_CHANNELS_URL must be memory:// or a redis:// URL, not {url!r}")
+                _backends[url] = backend
+    return backend
+
+
+def _stop_channel_readers(loop: asyncio.AbstractEventLoop) -> None:
+    """End every channel reader on ``loop``: the server is stopping."""
+    for backend in list(_backends.values()):
+        hub = backend.hubs.get(loop)
+        if hub is not None:
+            hub.shutdown()
+
+
+class _StreamInbox:
+    """The SSE frames waiting for one event stream's client, closed if they grow past a bound."""
+
+    def __init__(self, handler: DjangoHandler) -> None:
+        self.handler = handler
+        self.frames: list[bytes] = []
+        self.queued = 0  # bytes waiting here, and the chunk being written
+        self.writing = 0
+        self.ended = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put(self, events: list[_Event]) -> None:
+        for event in events:
+            frame = event.sse_frame()
+            self.frames.append(frame)
+            self.queued += len(frame)
+        if self.queued > _EVENT_STREAM_MAX_QUEUED and not self.ended:
+            request = self.handler.request
+            _logger.warning("%s %s: the client left %d bytes of events unread; closed (it reconnects and catches up)", request.method, request.uri, self.queued)
+            self.ended = True
+            self.frames = []
+            request.connection.close()
+        self._wake()
+
+    def end(self) -> None:
+        self.ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self, keepalive: float) -> bytes | None:
+        """The frames that came since the last call, b"" after ``keepalive`` s without any, None at the end."""
+        self.queued -= self.writing  # the last chunk has been written (the bridge awaited it)
+        if not self.frames and not self.ended:
+            loop = asyncio.get_running_loop()
+            self.waiter = loop.create_future()
+            timer = loop.call_later(keepalive, self._wake)
+            try:
+                await self.waiter
+            finally:
+                timer.cancel()
+        if not self.frames:
+            self.writing = 0
+            return None if self.ended else b""
+        chunk = b"".join(self.frames)
+        self.frames = []
+        self.writing = len(chunk)
+        return chunk
+
+
+class EventStream(StreamingHttpResponse):
+    """A Server-Sent Events response streaming a channel's events: ``return EventStream(channel, request)``.
+
+    Per event it sends ``id:`` (the event's id), ``event:`` (its name, if it has
+    one) and ``data:`` (its data as JSON). It starts after the ``Last-Event-ID``
+    header (an ``EventSource`` that reconnects) or ``?since=``, replaying what
+    the client missed from the backlog; when events after that id are gone from
+    the backlog, an event named "reset" comes first, so that the page knows to
+    reload its state. A comment line every ``keepalive`` seconds keeps proxies
+    from timing the stream out; ``retry`` (seconds) is the browser's delay
+    before it reconnects. It holds no thread while idle, ends when the client
+    leaves or the server stops, and closes a client that leaves 1 MiB unread
+    (which reconnects and loses nothing). A bad id gets 400; a server other than
+    django_tornado, 501.
+    """
+
+    def __new__(cls, channel: Channel, request: HttpRequest, *, keepalive: float = 15.0, retry: float = 2.0) -> HttpResponseBase:
+        # Bad requests get a plain answer instead of a stream, which only __new__ can give.
+        if _HANDLER_ENVIRON_KEY not in request.META:
+            return _plain_response(501, "an EventStream needs django_tornado (runtornado, serve or make_app) to serve it")
+        last_event_id, since = request.headers.get("Last-Event-ID"), request.GET.get("since")
+        try:
+            if last_event_id:  # what the browser saw last wins over the URL it first opened
+                since = _parse_event_id(last_event_id, "Last-Event-ID")
+            elif since is not None:
+                since = _parse_event_id(since, "since")
+        except ValueError as error:
+            return _plain_response(400, str(error))
+        stream = super().__new__(cls)
+        stream._since = since
+        return stream
+
+    def __init__(self, channel: Channel, request: HttpRequest, *, keepalive: float = 15.0, retry: float = 2.0) -> None:
+        if not (0 < keepalive < math.inf and 0 <= retry < math.inf):
+            raise ValueError(f"keepalive must be more than 0 seconds and retry 0 or more, not {keepalive!r} and {retry!r}")
+        self.channel = channel
+        self._reader: _Reader | None = None
+        inbox = _StreamInbox(request.META[_HANDLER_ENVIRON_KEY])
+        super().__init__(self._frames(inbox, keepalive, retry), content_type="text/event-stream")
+        self["Cache-Control"] = "no-cache"
+        self["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
+
+    async def _frames(self, inbox: _StreamInbox, keepalive: float, retry: float) -> AsyncIterator[bytes]:
+        self._reader = _Reader(self.channel, self._since, inbox.put, inbox.end)
+        self._reader.start()
+        try:
+            yield f"retry: {round(retry * 1000)}\n\n".encode()
+            while (chunk := await inbox.take(keepalive)) is not None:
+                yield chunk or b":\n\n"  # nothing came for a while: a comment keeps proxies from giving up
+        finally:
+            self._reader.cancel()
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()  # the client left: no more events for it
+        super().close()
+
+
+def _plain_response(status: int, detail: str) -> HttpResponse:
+    return HttpResponse(f"{status} {tornado.httputil.responses[status]}: {detail}\n", status=status, content_type="text/plain; charset=utf-8")
 
 
 # -- Wiring: the Tornado application -------------------------------------------

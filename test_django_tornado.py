@@ -8,6 +8,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import datetime
 import functools
 import hashlib
 import http.client
@@ -78,7 +79,7 @@ from django.urls import path, reverse
 from django.views.decorators.csrf import csrf_exempt
 
 import django_tornado
-from django_tornado import asynchronous, make_app
+from django_tornado import Channel, EventStream, asynchronous, make_app
 
 urlpatterns = []
 TIMEOUT = 10  # seconds any single client call may take before the test fails
@@ -159,6 +160,11 @@ def wait_for(condition, timeout=5.0):
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.01)
+
+
+def now_stamp():
+    """Milliseconds since the epoch: the clock channel ids (and node_chat's stamps) come from."""
+    return int(time.time() * 1000)
 
 
 def raw_request(server, request_bytes):
@@ -565,35 +571,7 @@ class Session:
         self.pokes += 1
 
 
-class Channel:
-    """Messages, and callbacks waiting for messages newer than ``since``."""
-
-    def __init__(self):
-        self.messages = []
-        self.callbacks = []
-        self.lock = threading.Lock()
-
-    def query(self, callback, since):
-        with self.lock:
-            newer = [message for message in self.messages if message["timestamp"] > since]
-            if not newer:
-                self.callbacks.append(callback)
-                return
-        callback(newer)
-
-    def append(self, text):
-        with self.lock:
-            message = {"text": text, "timestamp": len(self.messages) + 1}
-            self.messages.append(message)
-            callbacks, self.callbacks = self.callbacks, []
-        for callback in callbacks:
-            callback([message])
-
-    def size(self):
-        return len(self.messages)
-
-
-channel = Channel()
+channel = Channel("chat")  # the one line the original README leaves to its reader
 
 
 from django_tornado.decorator import asynchronous  # noqa: F811, I001 (the README's own import, kept verbatim)
@@ -629,28 +607,45 @@ route("recv")(recv)
 @route("send")
 @csrf_exempt
 def send(request):
-    channel.append(request.POST["text"])  # in a pool thread: wakes the long-polls through async_callback
-    return JsonResponse({"sent": True})
+    event_id = channel.publish({"text": request.POST["text"]})  # in a pool thread
+    return JsonResponse({"sent": event_id})
 
 
-def test_the_original_readme_recv_example_runs_as_written(server):
+def readers_of(name):
+    """How many readers channel ``name`` has in this process (long-polls, streams, listen loops)."""
+    return sum(
+        len(hub.watches[name].readers) if name in hub.watches else 0
+        for backend in list(django_tornado._backends.values())
+        for hub in list(backend.hubs.values())
+    )
+
+
+def test_the_original_readme_recv_example_runs_against_a_channel(server):
     Session.sessions["s1"] = Session("s1")
-    since = channel.size()
+    since = now_stamp()
     with requests.Session() as poller:
         pending = threading.Thread(target=lambda: results.append(poller.get(server.url(f"/recv?since={since}&id=s1"), timeout=TIMEOUT)))
         results = []
         pending.start()
-        wait_for(lambda: len(channel.callbacks) == 1)  # parked, holding no thread
-        assert requests.post(server.url("/send"), data={"text": "hello"}, timeout=TIMEOUT).json() == {"sent": True}
+        wait_for(lambda: readers_of("chat") == 1)  # parked, holding no thread
+        sent = requests.post(server.url("/send"), data={"text": "hello"}, timeout=TIMEOUT).json()["sent"]
         pending.join(TIMEOUT)
     response = results[0]
     assert response.status_code == 200
-    assert response.json() == {"messages": [{"text": "hello", "timestamp": since + 1}], "rss": since + 1}
+    assert response.json() == {"messages": [{"id": sent, "data": {"text": "hello"}}], "rss": channel.size()}
+    assert sent > since
     assert response.headers["Content-Type"] == "application/json; charset=UTF-8"
     assert Session.sessions["s1"].pokes == 1
     # Already-available messages come back at once; bad input gets the view's own 400.
-    assert get(server, f"/recv?since={since}&id=s1").json()["messages"][0]["text"] == "hello"
+    assert get(server, f"/recv?since={since}&id=s1").json()["messages"][0]["data"]["text"] == "hello"
     assert get(server, "/recv?id=s1").status_code == 400
+
+
+def test_a_long_poll_that_leaves_leaves_no_reader_behind(server):
+    """The original example never cancels its query: the request ending does it."""
+    with contextlib.closing(raw_request(server, f"GET /recv?since={now_stamp() + 10**9}&id=s1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())):
+        wait_for(lambda: readers_of("chat") == 1)
+    wait_for(lambda: readers_of("chat") == 0)
 
 
 waiters = []
@@ -868,7 +863,319 @@ def test_threads_must_not_be_negative():
 
 
 def test_module_exports_a_small_api():
-    assert django_tornado.__all__ == ["Command", "DjangoHandler", "asynchronous", "main", "make_app", "serve"]
+    assert django_tornado.__all__ == [
+        "Channel", "ChannelUnavailable", "Command", "DjangoHandler", "EventStream", "asynchronous", "main", "make_app", "serve",
+    ]
+
+
+# -- Live updates: Channel, query, listen() and EventStream in one process ------------
+
+
+def run_on_a_loop(coroutine_function, timeout=TIMEOUT):
+    """Run ``coroutine_function()`` on an event loop of its own in another thread; return its result."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, asyncio.wait_for(coroutine_function(), timeout)).result(timeout + 5)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request):
+    """Each test with this fixture runs once on this process's memory and once on a real redis-server."""
+    if request.param == "memory":
+        yield "memory://"
+    else:
+        url = request.getfixturevalue("redis_url")
+        with override_settings(TORNADO_CHANNELS_URL=url):
+            yield url
+
+
+def test_concurrent_publishers_get_strictly_increasing_ids_and_lose_nothing(backend):
+    news = Channel(f"concurrent.{time.monotonic_ns()}", backlog=5000)
+    heard = []
+
+    async def listen():
+        started.set()
+        async for event in news.listen():
+            heard.append(event)
+            if len(heard) == 2000:
+                return
+
+    def publish(thread):
+        return [news.publish({"thread": thread, "index": index}) for index in range(500)]
+
+    started = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        listening = pool.submit(run_on_a_loop, listen)
+        assert started.wait(TIMEOUT)
+        wait_for(lambda: readers_of(news.name) == 1)
+        ids_by_thread = list(pool.map(publish, range(4)))
+        listening.result(TIMEOUT)
+    for ids in ids_by_thread:
+        assert ids == sorted(ids) and len(set(ids)) == 500  # each publisher's ids strictly increase
+    all_ids = sorted(event_id for ids in ids_by_thread for event_id in ids)
+    assert len(set(all_ids)) == 2000  # none reused
+    backlog = news.since(0)
+    assert [event["id"] for event in backlog] == all_ids  # the backlog holds each once, in id order
+    assert [event["id"] for event in heard] == all_ids  # and a reader heard each once, in order
+    for ids, thread in zip(ids_by_thread, range(4)):
+        mine = [event["data"]["index"] for event in backlog if event["data"]["thread"] == thread]
+        assert mine == list(range(500))  # in the order each thread published
+    assert news.size() == 2000
+    assert abs(all_ids[0] - now_stamp()) < 60_000  # ids come from the millisecond clock
+
+
+def test_publishing_refuses_what_json_cannot_carry_and_names_the_type():
+    news = Channel("refusals")
+    with pytest.raises(TypeError, match="set"):
+        news.publish({"tags": {"a", "b"}})
+    with pytest.raises(TypeError, match="datetime"):
+        news.publish(datetime.datetime.now())
+    with pytest.raises(TypeError, match="JSON"):
+        news.publish(float("nan"))
+    with pytest.raises(ValueError, match="event name"):
+        news.publish("x", event="two\nlines")
+    assert news.size() == 0
+
+
+@pytest.mark.parametrize("name", ["", "x" * 201, "with space", "slash/", "ünïcode", None, 5])
+def test_a_channel_name_is_letters_digits_and_a_few_marks(name):
+    with pytest.raises(ValueError, match="channel name"):
+        Channel(name)
+
+
+def test_channel_names_and_options_that_are_fine():
+    assert Channel("user.42:inbox_v-1").name == "user.42:inbox_v-1"
+    assert Channel("x" * 200, backlog=1, retention=0.5).backlog == 1
+    with pytest.raises(ValueError, match="backlog"):
+        Channel("ok", backlog=0)
+    with pytest.raises(ValueError, match="retention"):
+        Channel("ok", retention=0)
+
+
+@pytest.mark.parametrize("since", [-1, "5", 1.5, None, True])
+def test_reading_after_something_that_is_not_an_event_id_is_a_value_error(since):
+    news = Channel("bad-since")
+    with pytest.raises(ValueError, match="event id"):
+        news.since(since)
+    with pytest.raises(ValueError, match="event id"):
+        news.query(print, since)
+
+
+def test_an_event_is_a_mapping_that_json_encodes_as_it_is(backend):
+    news = Channel(f"shape.{time.monotonic_ns()}")
+    first = news.publish([1, "two", {"three": None}])
+    named = news.publish("hello", event="greeting")
+    assert json.loads(json.dumps(news.since(0))) == [
+        {"id": first, "data": [1, "two", {"three": None}]},
+        {"id": named, "data": "hello", "event": "greeting"},
+    ]
+    assert news.since(first) == [{"id": named, "data": "hello", "event": "greeting"}]
+
+
+def test_published_data_is_a_copy_of_what_the_publisher_passed():
+    news = Channel("copies")
+    data = {"items": [1]}
+    news.publish(data)
+    data["items"].append(2)
+    assert news.since(0)[-1]["data"] == {"items": [1]}
+
+
+def test_query_answers_at_once_or_at_the_next_publish_on_the_ioloop_and_can_be_cancelled(backend):
+    news = Channel(f"query.{time.monotonic_ns()}")
+    first = news.publish("first")
+
+    async def scenario():
+        loop_thread = threading.get_ident()
+        answers = {name: asyncio.get_running_loop().create_future() for name in ("now", "later")}
+
+        def answer(name):
+            return lambda events: answers[name].set_result((events, threading.get_ident()))
+
+        news.query(answer("now"), 0)
+        news.query(answer("later"), first)
+        cancelled = []
+        cancel = news.query(cancelled.append, first)
+        cancel()
+        now_events, now_thread = await answers["now"]
+        assert [event["data"] for event in now_events] == ["first"]
+        assert not answers["later"].done()
+        second = await asyncio.to_thread(news.publish, "second")  # from another thread
+        later_events, later_thread = await answers["later"]
+        assert later_events == [{"id": second, "data": "second"}]
+        assert now_thread == later_thread == loop_thread
+        await asyncio.sleep(0.05)
+        return cancelled
+
+    assert run_on_a_loop(scenario) == []  # a cancelled query hears nothing
+
+
+def test_listen_yields_the_backlog_after_since_then_new_events_holding_no_thread(backend):
+    news = Channel(f"listen.{time.monotonic_ns()}")
+    first = news.publish(1)
+    news.publish(2)
+
+    async def scenario():
+        heard = []
+        threads_before = threading.active_count()
+        async for event in news.listen(since=first):
+            heard.append(event["data"])
+            if len(heard) == 1:
+                assert threading.active_count() == threads_before
+                await asyncio.to_thread(news.publish, 3)
+            if len(heard) == 2:
+                return heard
+
+    assert run_on_a_loop(scenario) == [2, 3]
+
+
+def test_a_reader_outrun_by_the_backlog_hears_reset_first(backend):
+    news = Channel(f"outrun.{time.monotonic_ns()}", backlog=3)
+    ids = [news.publish(number) for number in range(6)]
+
+    async def scenario():
+        heard = []
+        async for event in news.listen(since=ids[0]):
+            heard.append(event)
+            if len(heard) == 4:
+                return heard
+
+    reset, *rest = run_on_a_loop(scenario)
+    assert reset == {"id": ids[2], "data": None, "event": "reset"}  # the last id that is gone
+    assert [event["data"] for event in rest] == [3, 4, 5]
+    assert [event["data"] for event in news.since(0)] == [3, 4, 5]
+
+
+def test_a_memory_channel_nobody_uses_is_forgotten_after_its_retention():
+    backend = django_tornado._channel_backend()
+    brief = Channel(f"brief.{time.monotonic_ns()}", retention=0.2)
+    brief.publish("soon gone")
+    assert brief.name in backend.channels
+    time.sleep(0.3)
+    backend.next_sweep = 0  # the sweep runs every few seconds; make this publish run it now
+    Channel("another").publish("x")
+    assert brief.name not in backend.channels
+    assert brief.size() == 0
+
+
+def test_redis_keeps_a_channel_for_its_retention_then_nothing(redis_url):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    brief = Channel(f"brief.{time.monotonic_ns()}", retention=1)
+    with override_settings(TORNADO_CHANNELS_URL=redis_url):
+        brief.publish("soon gone")
+        keys = client.keys(f"*{brief.name}*")
+        assert len(keys) == 2 and all(0 < client.ttl(key) <= 1 for key in keys)
+        wait_for(lambda: not client.keys(f"*{brief.name}*"), timeout=3)
+        assert brief.size() == 0
+
+
+news_feed = Channel("feed")
+small_feed = Channel("small-feed", backlog=3)
+
+
+@route("feed/events")
+def feed_events(request):
+    return EventStream(small_feed if "small" in request.GET else news_feed, request, keepalive=float(request.GET.get("keepalive", 15)))
+
+
+class EventStreamClient:
+    """A raw HTTP client of an event stream: the head, then each event as a dict of its fields."""
+
+    def __init__(self, server_or_port, path, headers=()):
+        port = server_or_port if isinstance(server_or_port, int) else server_or_port.port
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+        self.connection.request("GET", path, headers=dict(headers))
+        self.response = self.connection.getresponse()
+
+    def next_frame(self):
+        """The next block of lines (an event, a comment, a ``retry:``) as a dict; None at the end."""
+        fields = {}
+        while (line := self.response.readline()) not in (b"\n", b""):
+            name, _, value = line.decode().rstrip("\n").partition(":")
+            fields[name] = value.removeprefix(" ")
+        return fields if fields or line else None
+
+    def next_event(self):
+        while (frame := self.next_frame()) is not None:
+            if "data" in frame:
+                return frame
+        return None
+
+    def close(self):
+        self.connection.close()
+
+
+def test_an_event_stream_sends_each_event_as_sse_fields(server):
+    client = EventStreamClient(server, "/feed/events?keepalive=0.3")
+    try:
+        assert client.response.status == 200
+        assert client.response.getheader("Content-Type") == "text/event-stream"
+        assert client.response.getheader("Cache-Control") == "no-cache"
+        assert client.response.getheader("X-Accel-Buffering") == "no"
+        assert client.next_frame() == {"retry": "2000"}
+        wait_for(lambda: readers_of("feed") >= 1)
+        first = news_feed.publish({"title": "Hello", "lines": "a\nb"})
+        named = news_feed.publish([1, 2], event="numbers")
+        assert client.next_frame() == {"id": str(first), "data": '{"title":"Hello","lines":"a\\nb"}'}
+        assert client.next_frame() == {"id": str(named), "event": "numbers", "data": "[1,2]"}
+        assert client.next_frame() == {"": ""}  # a comment after 0.3 s without events
+    finally:
+        client.close()
+    wait_for(lambda: readers_of("feed") == 0)  # the client leaving ended it
+
+
+def test_an_event_stream_replays_what_the_client_missed_after_last_event_id_or_since(server):
+    ids = [news_feed.publish(number) for number in range(3)]
+    for headers, query in [({"Last-Event-ID": str(ids[0])}, ""), ({}, f"?since={ids[0]}"), ({"Last-Event-ID": str(ids[0])}, f"?since={ids[2]}")]:
+        client = EventStreamClient(server, "/feed/events" + query, headers)
+        try:
+            assert [client.next_event()["data"] for _ in range(2)] == ["1", "2"]
+        finally:
+            client.close()
+
+
+def test_an_event_stream_outrun_by_the_backlog_sends_reset_first(server):
+    ids = [small_feed.publish(number) for number in range(6)]
+    client = EventStreamClient(server, f"/feed/events?small&since={ids[0]}")
+    try:
+        assert client.next_event() == {"id": str(ids[2]), "event": "reset", "data": "null"}
+        assert [client.next_event()["data"] for _ in range(3)] == ["3", "4", "5"]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("headers", "query"),
+    [({}, "?since=abc"), ({}, "?since=-1"), ({}, "?since=" + "9" * 20), ({"Last-Event-ID": "1.5"}, ""), ({"Last-Event-ID": "x"}, "?since=1")],
+)
+def test_an_event_stream_answers_an_id_that_is_not_one_with_400(server, headers, query):
+    response = get(server, "/feed/events" + query, headers=headers)
+    assert response.status_code == 400
+    assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert len(response.text.strip().splitlines()) == 1
+    assert "must be an event id" in response.text
+
+
+def test_idle_event_streams_hold_no_thread(server):
+    clients = [EventStreamClient(server, "/feed/events") for _ in range(12)]  # the pool has 4 threads
+    try:
+        for client in clients:
+            assert client.next_frame() == {"retry": "2000"}
+        assert get(server, "/fast").json()["fast"] is True
+        event_id = news_feed.publish("to all")
+        for client in clients:
+            assert client.next_event()["id"] == str(event_id)
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_an_event_stream_needs_django_tornado_to_serve_it():
+    from django.test import Client
+
+    response = Client().get("/feed/events", HTTP_HOST="127.0.0.1")
+    assert response.status_code == 501
+    assert "needs django_tornado" in response.content.decode()
 
 
 # -- serve(), worker processes, --reload, shutdown, runtornado: real processes ------
@@ -1856,10 +2163,6 @@ def join(base, nick):
     response = chat_get(base, "join", nick=nick, _=str(time.time()))  # jQuery's cache-buster is ignored
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def now_stamp():
-    return int(time.time() * 1000)
 
 
 def test_chat_speaks_node_chats_api_on_both_ports_of_one_room(chat):
