@@ -352,10 +352,20 @@ class _DjangoBridge:
         return response
 
     async def get_response_async(self, environ: dict[str, Any]) -> HttpResponseBase:
-        """Run Django's async cycle on the IOLoop, as Django's ASGIHandler does."""
+        """Run Django's async cycle on the IOLoop, as Django's ASGIHandler does.
+
+        Cancelled (the client left), it still sends ``request_finished`` once
+        ``request_started`` has gone out, so that database connections are tidied.
+        """
         set_script_prefix(get_script_name(environ))
-        await sync_to_async(signals.request_started.send)(sender=WSGIHandler, environ=environ)
-        response = await self.async_handler.get_response_async(WSGIRequest(environ))
+        started = asyncio.ensure_future(sync_to_async(signals.request_started.send)(sender=WSGIHandler, environ=environ))
+        try:
+            await asyncio.shield(started)  # once begun, its thread runs it to the end anyway
+            response = await self.async_handler.get_response_async(WSGIRequest(environ))
+        except asyncio.CancelledError:
+            await started
+            await sync_to_async(signals.request_finished.send)(sender=WSGIHandler)
+            raise
         if not response.streaming:
             await sync_to_async(response.close)()
         return response
@@ -477,7 +487,7 @@ class DjangoHandler(tornado.web.RequestHandler):
             self.on_connection_close()
         response = await self._django_response()
         if response is None:  # the client left and the view was cancelled
-            await sync_to_async(signals.request_finished.send)(sender=WSGIHandler)
+            pass
         elif isinstance(response, _DeferredResponse):
             timeout, parks = response.timeout, self._take_placeholder(response)
             del response  # a parked request keeps nothing of Django's response: memory per waiter counts
@@ -1637,7 +1647,9 @@ class _StreamInbox:
             _logger.warning("%s %s: the client left %d bytes of events unread; closed (it reconnects and catches up)", request.method, request.uri, self.queued)
             self.ended = True
             self.frames = []
-            request.connection.close()
+            # The stream, not the HTTP connection: HTTP1Connection.close() (Tornado 6.3-6.6)
+            # forgets the write a flush() awaits, which would then wait forever.
+            request.connection.stream.close()
         self._wake()
 
     def end(self) -> None:

@@ -83,6 +83,10 @@ from django_tornado import Channel, EventStream, asynchronous, make_app
 
 urlpatterns = []
 TIMEOUT = 10  # seconds any single client call may take before the test fails
+HERE = pathlib.Path(__file__).resolve().parent
+# Headless Chromium as root in a sandbox with no network beyond loopback.
+CHROMIUM_ARGUMENTS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                      "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def route(pattern):
@@ -1189,6 +1193,7 @@ from django.core.management import execute_from_command_line
 execute_from_command_line(sys.argv)
 """,
     "project_settings.py": """
+import os
 SECRET_KEY = "django-tornado-process-tests"
 ALLOWED_HOSTS = ["127.0.0.1", "localhost", "[::1]"]
 ROOT_URLCONF = "project_urls"
@@ -1197,6 +1202,20 @@ MIDDLEWARE = []
 STATIC_URL = "static/"
 STATICFILES_DIRS = ["assets"]
 TORNADO_STARTUP = ["project_urls.on_startup"]
+TORNADO_CHANNELS_URL = os.environ.get("TEST_CHANNELS_URL", "memory://")
+""",
+    "publish.py": """
+# A plain Python process (no IOLoop, no server) publishing to the project's channel.
+import sys
+import django
+django.setup()
+from project_urls import news
+from django_tornado import ChannelUnavailable
+try:
+    for text in sys.argv[1:]:
+        print(news.publish({"text": text, "padding": ""}), flush=True)
+except ChannelUnavailable as error:
+    sys.exit(f"ChannelUnavailable: {error}")
 """,
     "explicit_settings.py": """
 from project_settings import *
@@ -1310,6 +1329,55 @@ async def endless_async():
 def endless(request, kind):
     return StreamingHttpResponse(endless_sync() if kind == "sync" else endless_async())
 
+# Live updates: one channel, read by long-polls, event streams, listen() loops and a page.
+from django.http import HttpResponse
+from django_tornado import Channel, ChannelUnavailable, EventStream
+
+news = Channel("news", backlog=int(os.environ.get("TEST_BACKLOG", "1000")))
+
+def news_events(request):
+    return EventStream(news, request, keepalive=float(request.GET.get("keepalive", "15")))
+
+@asynchronous
+def news_poll(request, handler):
+    answer = handler.async_callback(lambda events: handler.finish({"events": events, "pid": os.getpid()}))
+    news.query(answer, int(request.GET["since"]))
+
+async def news_listen(request):
+    since = request.GET.get("since")
+    async for event in news.listen(since=int(since) if since else None):
+        return JsonResponse({"event": event, "pid": os.getpid()})
+    return JsonResponse({"event": None, "pid": os.getpid()})  # the server stopped
+
+@csrf_exempt
+def news_publish(request):
+    data = {"text": request.POST.get("text", ""), "padding": "x" * int(request.POST.get("padding", "0"))}
+    try:
+        return JsonResponse({"id": news.publish(data), "pid": os.getpid()})
+    except ChannelUnavailable as error:
+        return JsonResponse({"error": str(error)}, status=503)
+
+NEWS_PAGE = \"\"\"<!DOCTYPE html><meta charset="utf-8"><title>news</title><ol id="events"></ol><script>
+let opened = 0;
+const source = new EventSource("/news/events");
+const add = (text) => { const item = document.createElement("li"); item.textContent = text; document.getElementById("events").append(item); };
+source.onopen = () => { opened += 1; document.title = `opened ${opened}`; };
+source.onmessage = (message) => add(JSON.parse(message.data).text);
+source.addEventListener("reset", () => add("reset"));
+</script>\"\"\"
+
+def news_page(request):
+    return HttpResponse(NEWS_PAGE)
+
+def channel_readers():
+    import django_tornado  # its internals: for the census only
+    return sum(
+        len(watch.readers)
+        for backend in list(django_tornado._backends.values())
+        for hub in list(backend.hubs.values())
+        for watch in list(hub.watches.values())
+    )
+
 @asynchronous
 def census(request, handler):
     with open("/proc/self/status") as status:
@@ -1319,12 +1387,16 @@ def census(request, handler):
         "generators": tally["generators"],
         "unclosed": tally["started"] - tally["finished"] - 1,  # this request is not finished yet
         "handlers": len(handler.bridge.active_handlers) - 1,
+        "readers": channel_readers(),
         "rss": rss,
+        "pid": os.getpid(),
     })
 
 urlpatterns = [
     path("state", state), path("slow", slow), path("park", park), path("echo", echo),
     path("hold", hold), path("endless/<kind>", endless), path("census", census),
+    path("news/events", news_events), path("news/poll", news_poll), path("news/listen", news_listen),
+    path("news/publish", news_publish), path("news/page", news_page),
 ]
 """,
 }
@@ -1342,12 +1414,13 @@ def project(tmp_path_factory):
 class ServerProcess:
     """A server started as a user would, whose output is read line by line."""
 
-    def __init__(self, project, *args, settings_module="project_settings", own_process_group=False):
+    def __init__(self, project, *args, settings_module="project_settings", own_process_group=False, environment=None):
         environment = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(project), os.path.dirname(os.path.abspath(django_tornado.__file__))]),
             "DJANGO_SETTINGS_MODULE": settings_module,
             "PYTHONUNBUFFERED": "1",
+            **(environment or {}),
         }
         self.process = subprocess.Popen(
             [sys.executable, *args],
@@ -1994,24 +2067,32 @@ def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout(strict):
 # -- Faults: clients that leave, workers that die, shutdown under load ---------------
 
 
-async def disconnect_storm(port, clients):
-    """``clients`` connections that leave mid-body, mid-stream (sync and async) and mid-long-poll."""
+# What storm clients send, and what they wait for before leaving (None: leave at various moments).
+PLAIN_READERS = [
+    (b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500, None),
+    (b"GET /endless/sync HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"x"),  # the stream has begun
+    (b"GET /endless/async HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"x"),
+    (b"GET /hold HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", None),
+]
+CHANNEL_READERS = [
+    (b"GET /news/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"retry: "),  # the event stream has begun
+    (f"GET /news/poll?since={10**15} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode(), None),
+    (b"GET /news/listen HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", None),
+]
+
+
+async def disconnect_storm(port, clients, kinds=(*PLAIN_READERS, *CHANNEL_READERS)):
+    """``clients`` connections that leave mid-body, mid-stream (sync, async, events) and mid-long-poll."""
     limit = asyncio.Semaphore(200)
-    requests_by_kind = [
-        b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500,
-        b"GET /endless/sync HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-        b"GET /endless/async HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-        b"GET /hold HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-    ]
 
     async def client(number):
         async with limit:
             reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), TIMEOUT)
-            kind = number % len(requests_by_kind)
-            writer.write(requests_by_kind[kind])
+            request_bytes, begun = kinds[number % len(kinds)]
+            writer.write(request_bytes)
             await writer.drain()
-            if kind in (1, 2):
-                await asyncio.wait_for(reader.readuntil(b"x"), TIMEOUT)  # the stream has begun
+            if begun is not None:
+                await asyncio.wait_for(reader.readuntil(begun), TIMEOUT)
             else:
                 await asyncio.sleep(0.002 * (number % 7))  # leave at various moments
             if number % 2:
@@ -2027,7 +2108,7 @@ def census_when_settled(url):
     deadline = time.monotonic() + 5
     while True:
         census = requests.get(url + "census", timeout=TIMEOUT).json()
-        if not any(census[key] for key in ("waiters", "generators", "unclosed", "handlers")):
+        if not any(census[key] for key in ("waiters", "generators", "unclosed", "handlers", "readers")):
             return census
         assert time.monotonic() < deadline, f"not back to zero 5 s after the storm: {census}"
         time.sleep(0.1)
@@ -2143,9 +2224,255 @@ def test_sigterm_under_load_answers_every_request_it_accepted_and_exits_0(projec
     assert {status for path, status in answers if path == "state"} == {200}
 
 
-# -- chat_example.py: node_chat's room, run as a newcomer runs it ---------------------
+# -- Live updates across processes: Redis, its outages, shutdown, slow readers, a browser --
 
-HERE = pathlib.Path(__file__).resolve().parent
+
+@contextlib.contextmanager
+def channel_server(project, channels_url, *args, environment=None):
+    """A runtornado process whose ``news`` channel lives at ``channels_url``; yields (server, base URL)."""
+    with running(project, *runtornado("--threads", "4", *args), environment={"TEST_CHANNELS_URL": channels_url, **(environment or {})}) as server:
+        yield server, server.wait_for_banner()[0]
+
+
+def census_of(base):
+    return requests.get(base + "census", timeout=TIMEOUT).json()
+
+
+def publish_over_http(base, text, **form):
+    response = requests.post(base + "news/publish", data={"text": text, **form}, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def publish_from_a_plain_process(project, channels_url, *texts, environment=None):
+    """Publish from a separate Python process with no IOLoop, as a management command or a task would."""
+    return subprocess.run(
+        [sys.executable, "publish.py", *texts],
+        cwd=project, capture_output=True, text=True, timeout=TIMEOUT, check=False,
+        env={
+            **os.environ, "PYTHONPATH": os.pathsep.join([str(project), str(HERE)]), "DJANGO_SETTINGS_MODULE": "project_settings",
+            "TEST_CHANNELS_URL": channels_url, **(environment or {}),
+        },
+    )
+
+
+def open_event_stream(base, path="news/events", headers=()):
+    """An event stream client, once the stream has opened (its ``retry:`` line has come)."""
+    client = EventStreamClient(port_of(base), "/" + path, headers)
+    assert client.next_frame() == {"retry": "2000"}
+    return client
+
+
+def test_with_redis_an_event_published_anywhere_reaches_every_kind_of_reader_in_every_process(project, redis_url):
+    with (
+        channel_server(project, redis_url, "127.0.0.1:0") as (_, first),
+        channel_server(project, redis_url, "127.0.0.1:0") as (_, second),
+        concurrent.futures.ThreadPoolExecutor(4) as pool,
+    ):
+        bases = (first, second)
+        pids = {census_of(base)["pid"] for base in bases}
+        assert len(pids) == 2
+        publishers = [
+            ("the first server", lambda text: publish_over_http(first, text)),
+            ("the second server", lambda text: publish_over_http(second, text)),
+            ("a plain process", lambda text: int(publish_from_a_plain_process(project, redis_url, text).stdout)),
+        ]
+        since = now_stamp()
+        for where, publish in publishers:
+            streams = [open_event_stream(base) for base in bases]
+            polls = [pool.submit(requests.get, base + f"news/poll?since={since}", timeout=TIMEOUT) for base in bases]
+            listens = [pool.submit(requests.get, base + "news/listen", timeout=TIMEOUT) for base in bases]
+            wait_for(lambda: all(census_of(base)["readers"] == 3 for base in bases))
+            text = f"published by {where}"
+            event_id = publish(text)
+            try:
+                for stream in streams:
+                    event = stream.next_event()
+                    assert (event["id"], json.loads(event["data"])["text"]) == (str(event_id), text), where
+            finally:
+                for stream in streams:
+                    stream.close()
+            for answer in [poll.result(TIMEOUT).json() for poll in polls]:
+                assert [(event["id"], event["data"]["text"]) for event in answer["events"]] == [(event_id, text)], where
+            assert {answer.result(TIMEOUT).json()["event"]["id"] for answer in listens} == {event_id}, where
+            since = event_id
+
+
+@pytest.fixture
+def restartable_redis(tmp_path):
+    """A redis-server that a test can stop and start again on the same port, keeping its data on disk."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+
+    class Redis:
+        url = f"redis://127.0.0.1:{port}/0"
+        process = None
+
+        def start(self):
+            self.process = subprocess.Popen(
+                [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp_path)],
+                stdout=subprocess.DEVNULL,
+            )
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
+                    probe.sendall(b"PING\r\n")
+                    if probe.recv(16).startswith(b"+PONG"):
+                        return
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+        def stop(self):
+            self.process.terminate()
+            self.process.wait(TIMEOUT)
+
+    redis_server = Redis()
+    redis_server.start()
+    try:
+        yield redis_server
+    finally:
+        if redis_server.process.poll() is None:
+            redis_server.stop()
+
+
+def test_readers_ride_out_a_redis_restart_and_the_publisher_hears_it_was_down(project, restartable_redis):
+    url = restartable_redis.url
+    with (
+        channel_server(project, url, "127.0.0.1:0") as (first_server, first),
+        channel_server(project, url, "127.0.0.1:0") as (second_server, second),
+        concurrent.futures.ThreadPoolExecutor(2) as pool,
+    ):
+        streams = [open_event_stream(base) for base in (first, second)]
+        wait_for(lambda: census_of(first)["readers"] == census_of(second)["readers"] == 1)
+        before = publish_over_http(first, "before")
+        for stream in streams:
+            assert json.loads(stream.next_event()["data"])["text"] == "before"
+        polls = [pool.submit(requests.get, base + f"news/poll?since={before}", timeout=TIMEOUT) for base in (first, second)]
+        wait_for(lambda: census_of(first)["readers"] == census_of(second)["readers"] == 2)
+
+        restartable_redis.stop()
+        refused = requests.post(first + "news/publish", data={"text": "lost"}, timeout=TIMEOUT)
+        assert refused.status_code == 503
+        assert "Redis at redis://127.0.0.1" in refused.json()["error"] and "unreachable" in refused.json()["error"]
+        plain = publish_from_a_plain_process(project, url, "also lost")
+        assert plain.returncode == 1
+        assert plain.stderr.splitlines()[-1].startswith("ChannelUnavailable: can't publish to 'news': Redis at redis://127.0.0.1")
+        first_server.wait_for_line("is unreachable")
+        second_server.wait_for_line("is unreachable")
+
+        restartable_redis.start()
+        # Published before the servers are back on Redis: they find these in the backlog.
+        assert publish_from_a_plain_process(project, url, "after 1", "after 2").returncode == 0
+        publish_over_http(second, "after 3")
+        for stream in streams:
+            assert [json.loads(stream.next_event()["data"])["text"] for _ in range(3)] == ["after 1", "after 2", "after 3"]
+        for poll in polls:
+            assert poll.result(TIMEOUT).json()["events"][0]["data"]["text"] == "after 1"
+        last = publish_over_http(first, "the end")
+        for stream in streams:  # nothing came twice: the next event is the last one
+            assert stream.next_event()["id"] == str(last)
+            stream.close()
+        for server in (first_server, second_server):
+            server.wait_for_line("is reachable again")
+        assert first_server.stop() == second_server.stop() == 0
+    for server in (first_server, second_server):
+        log = "".join(server.output)
+        assert log.count("is unreachable") == 1 and log.count("reachable again") == 1  # one line per outage, not per request
+        assert "Traceback" not in log
+
+
+def test_sigterm_answers_channel_long_polls_with_no_events_and_ends_event_streams_cleanly(project):
+    with channel_server(project, "memory://", "127.0.0.1:0") as (server, base), concurrent.futures.ThreadPoolExecutor(2) as pool:
+        stream = open_event_stream(base)
+        poll = pool.submit(requests.get, base + f"news/poll?since={now_stamp() + 10**9}", timeout=TIMEOUT)
+        listen = pool.submit(requests.get, base + "news/listen", timeout=TIMEOUT)
+        wait_for(lambda: census_of(base)["readers"] == 3)
+        started = time.monotonic()
+        assert server.stop() == 0
+        assert time.monotonic() - started < 5  # not the 30 s grace period: nothing is left waiting
+        assert poll.result(TIMEOUT).json()["events"] == []
+        assert listen.result(TIMEOUT).json()["event"] is None
+        assert stream.next_frame() is None  # the final chunk: a clean end (an abrupt one raises IncompleteRead)
+        stream.close()
+
+
+def test_an_event_stream_whose_client_stops_reading_is_closed_at_its_bound_with_memory_flat(project):
+    with channel_server(project, "memory://", "127.0.0.1:0", environment={"TEST_BACKLOG": "5"}) as (server, base):
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little for it
+        reader.settimeout(TIMEOUT)
+        reader.connect(("127.0.0.1", port_of(base)))
+        reader.sendall(b"GET /news/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert reader.recv(64).startswith(b"HTTP/1.1 200")  # and then it reads no more
+        wait_for(lambda: census_of(base)["readers"] == 1)
+        rss_before = census_of(base)["rss"]
+        with requests.Session() as publisher:
+            for number in range(200):  # 20 MB of events, of which the backlog keeps the last 5
+                publisher.post(base + "news/publish", data={"text": str(number), "padding": "100000"}, timeout=TIMEOUT)
+        server.wait_for_line("bytes of events unread; closed")
+        wait_for(lambda: census_of(base)["readers"] == 0)
+        assert census_of(base)["rss"] - rss_before < 8 * 1024 * 1024
+        reader.close()
+        assert server.stop() == 0
+
+
+def test_disconnect_storms_leave_no_channel_reader_or_redis_subscription_behind(project, redis_url):
+    import redis
+
+    with channel_server(project, redis_url, "127.0.0.1:0") as (server, base):
+        asyncio.run(disconnect_storm(port_of(base), 3_000, kinds=CHANNEL_READERS))
+        after_first = census_when_settled(base)
+        asyncio.run(disconnect_storm(port_of(base), 3_000, kinds=CHANNEL_READERS))
+        after_second = census_when_settled(base)
+        subscriptions = redis.Redis.from_url(redis_url).pubsub_numsub("django_tornado:{news}")
+        assert subscriptions[0][1] <= 1  # one per process, however many readers came and went
+        assert server.stop() == 0
+    assert after_second["rss"] - after_first["rss"] < 20 * 1024 * 1024
+    assert not any("Traceback" in line for line in server.output)
+
+
+def test_an_event_source_in_a_real_browser_loses_nothing_across_a_server_restart(project, redis_url, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    environment = {"TEST_BACKLOG": "5"}  # the publisher's backlog is the one kept
+    publish = functools.partial(publish_from_a_plain_process, project, redis_url, environment=environment)
+
+    def shown(page, texts):
+        page.wait_for_function(f"document.querySelectorAll('#events li').length >= {len(texts)}")
+        assert page.locator("#events li").all_inner_texts() == texts
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=CHROMIUM_ARGUMENTS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(TIMEOUT * 1000)
+            with channel_server(project, redis_url, address, environment=environment) as (server, base):
+                page.goto(base + "news/page")
+                page.wait_for_function("document.title === 'opened 1'")
+                wait_for(lambda: census_of(base)["readers"] == 1)
+                publish("one", "two", "three")
+                shown(page, ["one", "two", "three"])
+                assert server.stop() == 0  # mid-stream: the page's EventSource retries every 2 s
+            publish("four", "five")  # while no server runs
+            with channel_server(project, redis_url, address, environment=environment) as (server, base):
+                page.wait_for_function("document.title === 'opened 2'")  # reconnected, with Last-Event-ID
+                publish("six")
+                shown(page, ["one", "two", "three", "four", "five", "six"])
+                assert server.stop() == 0
+            publish(*(f"lost {number}" for number in range(6)), "seven")  # more than the backlog of 5 keeps
+            with channel_server(project, redis_url, address, environment=environment):
+                page.wait_for_function("document.title === 'opened 3'")
+                shown(page, ["one", "two", "three", "four", "five", "six", "reset", "lost 2", "lost 3", "lost 4", "lost 5", "seven"])
+                page.screenshot(path=tmp_path / "event-source.png")
+        finally:
+            browser.close()
+    print(f"event source screenshot: {tmp_path / 'event-source.png'}")
+
+
+# -- chat_example.py: node_chat's room, run as a newcomer runs it ---------------------
 
 
 @pytest.fixture(scope="module")
@@ -2365,11 +2692,7 @@ def test_chat_page_in_a_real_browser(chat, tmp_path):
     first, second = chat
     dialogs = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=shutil.which("chromium") or "/usr/bin/chromium",
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-        )
+        browser = playwright.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=CHROMIUM_ARGUMENTS)
         try:
             pages = []
             for base, nick in ((first, "alice"), (second, "bob")):
