@@ -6,15 +6,17 @@
 
 Then open http://127.0.0.1:8000/. The JSON API is node_chat's, so its original
 browser client can talk to it: /join?nick=N, /part?id=I, /send?id=I&text=T,
-/who, and the long-poll /recv?since=T&id=I (an ``@asynchronous`` view). Plain
-views run in django_tornado's thread pool; they wake the parked long-polls
-through ``handler.async_callback``. Without ``--redis`` the room lives in this
+/who, and the long-poll /recv?since=T&id=I (an ``@asynchronous`` view). The
+messages are events on django_tornado's ``Channel("chat")``: the plain views
+(run in the thread pool) publish to it, and /recv waits on it with ``query``.
+The room itself only keeps who is in it. Without ``--redis`` both live in this
 process's memory; with it, in Redis, so several worker processes (or machines
 behind nginx) share one room.
 """
 
 import argparse
-import json
+import asyncio
+import functools
 import os
 import re
 import secrets
@@ -22,13 +24,14 @@ import sys
 import threading
 import time
 
+import tornado.ioloop
 from django.conf import settings
 from django.http import HttpResponse, JsonResponse
 from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
 
 import django_tornado
-from django_tornado import asynchronous
+from django_tornado import Channel, asynchronous
 
 MESSAGE_BACKLOG = 200  # messages kept for clients that catch up with ?since=
 LONG_POLL_TIMEOUT = 30.0  # seconds before a quiet /recv answers with no messages, ahead of proxy timeouts
@@ -40,9 +43,10 @@ NICK_PATTERN = re.compile(r"[\w\-^!]+")  # node_chat's nick characters
 STARTED_AT_MS = int(time.time() * 1000)
 
 
-def configure_django(allowed_hosts: list[str]) -> None:
+def configure_django(allowed_hosts: list[str], redis_url: str | None) -> None:
     """Settings for a database-free site whose urlconf is this script."""
     settings.configure(
+        TORNADO_CHANNELS_URL=redis_url or "memory://",  # where the chat channel's messages live
         DEBUG=False,
         SECRET_KEY=secrets.token_urlsafe(32),  # nothing is signed that must outlive the process
         ALLOWED_HOSTS=allowed_hosts,
@@ -86,10 +90,6 @@ def resident_memory() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def check_nick(nick: str) -> None:
     if not nick:
         raise ChatError("Bad nick.")
@@ -106,49 +106,112 @@ def check_text(text: str) -> None:
         raise ChatError(f"Message too long: {MAX_TEXT_LENGTH} characters at most.")
 
 
-# -- The room, in this process's memory -------------------------------------------
+# -- The room: who is in it (sessions), and what is said (a Channel) --------------------
+
+chat = Channel("chat", backlog=MESSAGE_BACKLOG)  # stamps, backlog, wake-ups (and Redis) are django_tornado's
 
 
-class MemoryRoom:
-    """Sessions, nicks, the message backlog and the parked long-polls of one room.
-
-    Plain views call it from pool threads and ``/recv`` from the IOLoop, so one
-    lock guards everything. Waiters are answered through the callbacks
-    ``/recv`` gives, which ``handler.async_callback`` makes safe from any thread.
-    """
+class MemorySessions:
+    """Who is in the room, in this process's memory: each session's nick and when it was last seen."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.messages: list[dict] = []
-        self.last_stamp = 0
-        self.sessions: dict[str, dict] = {}  # id -> {"nick", "seen"}
-        self.nicks: dict[str, str] = {}  # nick -> id
-        self.waiters: dict[object, tuple[int, callable, float]] = {}  # token -> (since, answer, parked at)
+        self.lock = threading.Lock()  # plain views call it from pool threads
+        self.nicks: dict[str, str] = {}  # session id -> nick
+        self.ids: dict[str, str] = {}  # nick -> session id
+        self.seen: dict[str, float] = {}  # session id -> time.time()
 
-    def start(self) -> None:
-        """Once the IOLoop runs: answer quiet long-polls and part silent users, every second."""
-        import tornado.ioloop
+    def claim(self, nick: str, session_id: str) -> bool:
+        with self.lock:
+            if nick in self.ids:
+                return False
+            self.ids[nick], self.nicks[session_id], self.seen[session_id] = session_id, nick, time.time()
+            return True
 
-        tornado.ioloop.PeriodicCallback(self.tidy, 1000).start()
+    def leave(self, session_id: str) -> str | None:
+        """Remove a session; return its nick, or None if it is gone already."""
+        with self.lock:
+            nick = self.nicks.pop(session_id, None)
+            if nick is not None:
+                del self.ids[nick], self.seen[session_id]
+            return nick
+
+    def poke(self, session_id: str) -> str | None:
+        """Note that a session is alive; return its nick (None: no such session)."""
+        with self.lock:
+            if session_id in self.seen:
+                self.seen[session_id] = time.time()
+            return self.nicks.get(session_id)
+
+    def who(self) -> list[str]:
+        with self.lock:
+            return list(self.ids)
+
+    def silent(self, seconds: float) -> list[str]:
+        with self.lock:
+            return [session_id for session_id, seen in self.seen.items() if time.time() - seen > seconds]
+
+    def count(self) -> int:
+        return len(self.nicks)
+
+
+class RedisSessions:
+    """The same in Redis, so that every worker process (or machine behind nginx) serves one room."""
+
+    def __init__(self, url: str, prefix: str = "chat:") -> None:
+        import redis  # only when asked for: django_tornado needs it for --redis anyway
+
+        self.redis = redis.Redis.from_url(url, decode_responses=True)
+        self.nicks_key, self.ids_key, self.seen_key = prefix + "nicks", prefix + "ids", prefix + "seen"
+
+    def claim(self, nick: str, session_id: str) -> bool:
+        if not self.redis.hsetnx(self.ids_key, nick, session_id):
+            return False
+        with self.redis.pipeline() as pipeline:
+            pipeline.hset(self.nicks_key, session_id, nick).zadd(self.seen_key, {session_id: time.time()}).execute()
+        return True
+
+    def leave(self, session_id: str) -> str | None:
+        if not self.redis.zrem(self.seen_key, session_id):
+            return None  # another request (or worker) parted it first
+        nick = self.redis.hget(self.nicks_key, session_id)
+        with self.redis.pipeline() as pipeline:
+            pipeline.hdel(self.nicks_key, session_id).hdel(self.ids_key, nick).execute()
+        return nick
+
+    def poke(self, session_id: str) -> str | None:
+        with self.redis.pipeline() as pipeline:  # one transaction: no part can come in between
+            seen, _, nick = pipeline.zscore(self.seen_key, session_id).zadd(self.seen_key, {session_id: time.time()}, xx=True).hget(self.nicks_key, session_id).execute()
+        return nick if seen is not None else None
+
+    def who(self) -> list[str]:
+        return self.redis.hvals(self.nicks_key)
+
+    def silent(self, seconds: float) -> list[str]:
+        return self.redis.zrangebyscore(self.seen_key, "-inf", time.time() - seconds)
+
+    def count(self) -> int:
+        return self.redis.hlen(self.nicks_key)
+
+
+class Room:
+    """node_chat's room: joining, parting and speaking are messages on the ``chat`` channel."""
+
+    def __init__(self, sessions: MemorySessions | RedisSessions) -> None:
+        self.sessions = sessions
 
     def join(self, nick: str) -> dict:
         check_nick(nick)
-        with self.lock:
-            if nick in self.nicks:
-                raise ChatError("Nick in use.")
-            session_id = secrets.token_hex(8)
-            self.sessions[session_id] = {"nick": nick, "seen": time.monotonic()}
-            self.nicks[nick] = session_id
+        session_id = secrets.token_hex(8)
+        if not self.sessions.claim(nick, session_id):
+            raise ChatError("Nick in use.")
         self.post(nick, "join")
         return {"id": session_id, "nick": nick}
 
     def part(self, session_id: str) -> None:
-        with self.lock:
-            session = self.sessions.pop(session_id, None)
-            if session is None:
-                raise ChatError("No such session id.")
-            del self.nicks[session["nick"]]
-        self.post(session["nick"], "part")
+        nick = self.sessions.leave(session_id)
+        if nick is None:
+            raise ChatError("No such session id.")
+        self.post(nick, "part")
 
     def send(self, session_id: str, text: str) -> None:
         check_text(text)
@@ -156,248 +219,35 @@ class MemoryRoom:
 
     def poke(self, session_id: str) -> str:
         """Note that a session is alive; return its nick."""
-        with self.lock:
-            session = self.sessions.get(session_id)
-            if session is None:
-                raise ChatError("No such session id.")
-            session["seen"] = time.monotonic()
-            return session["nick"]
-
-    def who(self) -> list[str]:
-        with self.lock:
-            return list(self.nicks)
+        nick = self.sessions.poke(session_id)
+        if nick is None:
+            raise ChatError("No such session id.")
+        return nick
 
     def post(self, nick: str, kind: str, text: str | None = None) -> None:
-        """Add a message with a stamp later than every other, and wake the long-polls."""
-        with self.lock:
-            # Milliseconds, bumped on ties, so "since" never loses or repeats a message.
-            self.last_stamp = max(now_ms(), self.last_stamp + 1)
-            message = {"nick": nick, "type": kind, "text": text, "timestamp": self.last_stamp}
-            self.messages.append(message)
-            del self.messages[:-MESSAGE_BACKLOG]
-            woken = [token for token, (since, _, _) in self.waiters.items() if since < self.last_stamp]
-            answers = [self.waiters.pop(token)[1] for token in woken]
-        for answer in answers:
-            answer([message])
-
-    def wait(self, since: int, session_id: str, answer: callable, refuse: callable) -> callable:
-        """Answer with the messages newer than ``since``, now or when one comes.
-
-        Returns a function that forgets the waiter (for a client that left).
-        """
-        token = object()
-        try:
-            if session_id:
-                self.poke(session_id)
-        except ChatError as error:
-            refuse(str(error))
-            return lambda: None
-        with self.lock:
-            newer = [message for message in self.messages if message["timestamp"] > since]
-            if not newer:
-                self.waiters[token] = (since, answer, time.monotonic())
-        if newer:
-            answer(newer)
-        return lambda: self.forget(token)
-
-    def forget(self, token: object) -> None:
-        with self.lock:
-            self.waiters.pop(token, None)
+        chat.publish({"nick": nick, "type": kind, "text": text})
 
     def tidy(self) -> None:
-        """Answer long-polls quiet for LONG_POLL_TIMEOUT; part users silent for SESSION_TIMEOUT."""
-        now = time.monotonic()
-        with self.lock:
-            quiet = [token for token, (_, _, parked) in self.waiters.items() if now - parked > LONG_POLL_TIMEOUT]
-            answers = [self.waiters.pop(token)[1] for token in quiet]
-            silent = [session_id for session_id, session in self.sessions.items() if now - session["seen"] > SESSION_TIMEOUT]
-        for answer in answers:
-            answer([])
-        for session_id in silent:
-            try:
-                self.part(session_id)
-            except ChatError:
-                pass  # parted meanwhile
-
-    def stats(self) -> dict:
-        with self.lock:
-            return {"waiters": len(self.waiters), "sessions": len(self.sessions), "messages": len(self.messages)}
+        """Part the users silent for SESSION_TIMEOUT (every worker tries; one wins each)."""
+        for session_id in self.sessions.silent(SESSION_TIMEOUT):
+            nick = self.sessions.leave(session_id)
+            if nick is not None:
+                self.post(nick, "part")
 
 
-# -- The room, in Redis -------------------------------------------------------------
+room = Room(MemorySessions())  # the one room every view serves: deliberate shared state (main() may put it in Redis)
+parked: set = set()  # this process's waiting /recv requests, for /stats
 
 
-class RedisRoom:
-    """The same room kept in Redis, so every worker process serves one room.
-
-    Sessions, nicks and the stamped backlog live in Redis; a client may land on
-    another worker for each request. Pub/sub only wakes each worker's parked
-    long-polls, which then read the backlog: it is the truth, so a lost wake-up
-    delays a message at worst until the next one, never loses it. All Redis I/O
-    runs on the worker's IOLoop (redis-py's asyncio client); plain views in pool
-    threads wait for it there.
-    """
-
-    # Stamp, store, trim and announce a message in one step.
-    POST = """
-        local stamp = math.max(tonumber(ARGV[1]), tonumber(redis.call('GET', KEYS[1]) or 0) + 1)
-        redis.call('SET', KEYS[1], stamp)
-        local message = {nick = ARGV[2], type = ARGV[3], timestamp = stamp, text = cjson.null}
-        if ARGV[4] ~= '' then message.text = ARGV[4] end
-        redis.call('ZADD', KEYS[2], stamp, cjson.encode(message))
-        redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -1 - tonumber(ARGV[5]))
-        redis.call('PUBLISH', KEYS[3], stamp)
-        return stamp
-    """
-    JOIN = """
-        if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-        redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
-        redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
-        return 1
-    """
-    # Remove a session once, whoever asks first (part, or expiry on any worker); return its nick.
-    LEAVE = """
-        if redis.call('ZREM', KEYS[3], ARGV[1]) == 0 then return false end
-        local nick = redis.call('HGET', KEYS[2], ARGV[1])
-        redis.call('HDEL', KEYS[2], ARGV[1])
-        redis.call('HDEL', KEYS[1], nick)
-        return nick
-    """
-    POKE = """
-        if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return false end
-        redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-        return redis.call('HGET', KEYS[2], ARGV[1])
-    """
-
-    def __init__(self, url: str, prefix: str = "chat:") -> None:
-        import redis.asyncio  # only when asked for: not a dependency of django_tornado
-
-        self.redis_module = redis.asyncio
-        self.url = url
-        self.keys = {name: prefix + name for name in ("stamp", "backlog", "wake", "nicks", "sessions", "seen")}
-        self.waiters: dict[object, tuple[int, callable, float]] = {}  # this worker's parked long-polls
-
-    def start(self) -> None:
-        """In each worker, once its IOLoop runs: connect, listen for wake-ups, tidy every second."""
-        import asyncio
-
-        import tornado.ioloop
-
-        self.loop = asyncio.get_running_loop()
-        self.redis = self.redis_module.Redis.from_url(self.url, decode_responses=True)
-        self.scripts = {name: self.redis.register_script(getattr(self, name)) for name in ("POST", "JOIN", "LEAVE", "POKE")}
-        self.listener = self.loop.create_task(self.listen())
-        tornado.ioloop.PeriodicCallback(self.tidy, 1000).start()
-
-    def run(self, coroutine):
-        """Run a Redis coroutine on the IOLoop and wait for it (called from a pool thread)."""
-        import asyncio
-
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=10)
-
-    def script(self, name: str, keys: tuple[str, ...], *args):
-        return self.scripts[name](keys=[self.keys[key] for key in keys], args=args)
-
-    def join(self, nick: str) -> dict:
-        check_nick(nick)
-        session_id = secrets.token_hex(8)
-        if not self.run(self.script("JOIN", ("nicks", "sessions", "seen"), nick, session_id, now_ms())):
-            raise ChatError("Nick in use.")
-        self.run(self.post(nick, "join"))
-        return {"id": session_id, "nick": nick}
-
-    def part(self, session_id: str) -> None:
-        nick = self.run(self.script("LEAVE", ("nicks", "sessions", "seen"), session_id))
-        if nick is None:
-            raise ChatError("No such session id.")
-        self.run(self.post(nick, "part"))
-
-    def send(self, session_id: str, text: str) -> None:
-        check_text(text)
-        nick = self.run(self.poke(session_id))
-        self.run(self.post(nick, "msg", text))
-
-    async def poke(self, session_id: str) -> str:
-        nick = await self.script("POKE", ("seen", "sessions"), session_id, now_ms())
-        if nick is None:
-            raise ChatError("No such session id.")
-        return nick
-
-    def who(self) -> list[str]:
-        return self.run(self.redis.hvals(self.keys["sessions"]))
-
-    async def post(self, nick: str, kind: str, text: str | None = None) -> None:
-        await self.script("POST", ("stamp", "backlog", "wake"), now_ms(), nick, kind, text or "", MESSAGE_BACKLOG)
-
-    async def newer_than(self, since: int) -> list[dict]:
-        return [json.loads(entry) for entry in await self.redis.zrangebyscore(self.keys["backlog"], f"({since}", "+inf")]
-
-    def wait(self, since: int, session_id: str, answer: callable, refuse: callable) -> callable:
-        """Park a long-poll in this worker (called on the IOLoop), then check the backlog."""
-        token = object()
-        self.waiters[token] = (since, answer, time.monotonic())
-        self.loop.create_task(self.check(token, session_id, refuse))
-        return lambda: self.waiters.pop(token, None)
-
-    async def check(self, token: object, session_id: str, refuse: callable) -> None:
-        try:
-            if session_id:
-                await self.poke(session_id)
-        except ChatError as error:
-            if self.waiters.pop(token, None):
-                refuse(str(error))
-            return
-        await self.wake([token])
-
-    async def wake(self, tokens=None) -> None:
-        """Answer the given (or all) parked long-polls that have newer messages."""
-        waiting = {token: self.waiters[token] for token in (tokens or list(self.waiters)) if token in self.waiters}
-        if not waiting:
-            return
-        messages = await self.newer_than(min(since for since, _, _ in waiting.values()))
-        for token, (since, answer, _) in waiting.items():
-            newer = [message for message in messages if message["timestamp"] > since]
-            if newer and self.waiters.pop(token, None):
-                answer(newer)
-
-    async def listen(self) -> None:
-        """Wake this worker's long-polls on every published stamp, reconnecting after errors."""
-        import asyncio
-        import logging
-
-        while True:
-            try:
-                async with self.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self.keys["wake"])
-                    await self.wake()  # anything posted while not subscribed
-                    async for event in pubsub.listen():
-                        if event["type"] == "message":
-                            await self.wake()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logging.getLogger(__name__).exception("Redis subscription lost; retrying in 1 s")
-                await asyncio.sleep(1)
-
-    async def tidy(self) -> None:
-        now = time.monotonic()
-        for token in [token for token, (_, _, parked) in self.waiters.items() if now - parked > LONG_POLL_TIMEOUT]:
-            self.waiters.pop(token)[1]([])
-        silent = await self.redis.zrangebyscore(self.keys["seen"], "-inf", now_ms() - SESSION_TIMEOUT * 1000)
-        for session_id in silent:
-            nick = await self.script("LEAVE", ("nicks", "sessions", "seen"), session_id)
-            if nick is not None:  # this worker won the race to part it
-                await self.post(nick, "part")
-
-    def stats(self) -> dict:
-        return {
-            "waiters": len(self.waiters),
-            "sessions": self.run(self.redis.hlen(self.keys["sessions"])),
-            "messages": self.run(self.redis.zcard(self.keys["backlog"])),
-        }
+def start_tidying() -> None:
+    """Once the IOLoop runs: part silent users every second, in a thread (the sessions may be in Redis)."""
+    loop = asyncio.get_running_loop()
+    tornado.ioloop.PeriodicCallback(lambda: loop.run_in_executor(None, room.tidy), 1000).start()
 
 
-room: MemoryRoom | RedisRoom = MemoryRoom()  # the one room every view serves: deliberate shared state (main() may swap in Redis)
+def as_node_chat_message(event: dict) -> dict:
+    """node_chat's message: the event's data, stamped with its id."""
+    return {**event["data"], "timestamp": event["id"]}
 
 
 # -- The JSON API: node_chat's, so its original client works ---------------------
@@ -437,37 +287,55 @@ def send(parameters) -> dict:
 
 @chat_view
 def who(parameters) -> dict:
-    return {"nicks": room.who()}
+    return {"nicks": room.sessions.who()}
 
 
 @chat_view
 def stats(parameters) -> dict:
     """Not node_chat's: the room's bookkeeping, for monitoring and tests."""
-    return room.stats()
+    return {"waiters": len(parked), "sessions": room.sessions.count(), "messages": chat.size()}
 
 
+def poke_first(view):
+    """Check /recv's parameters and note its session alive before the view parks it.
+
+    A plain decorator outside ``@asynchronous`` runs like middleware, in a pool
+    thread, so it may wait for Redis; the view itself runs on the IOLoop.
+    """
+
+    @functools.wraps(view)
+    def checked(request):
+        if not request.GET.get("since", "").isdigit():
+            return JsonResponse({"error": "Must supply a numeric since parameter."}, status=400)
+        session_id = request.GET.get("id", "")  # optional: the original client polls before it has joined
+        if session_id:
+            try:
+                room.poke(session_id)
+            except ChatError as error:
+                return JsonResponse({"error": str(error)}, status=400)
+        return view(request)
+
+    return checked
+
+
+@poke_first
 @asynchronous
 def recv(request, handler):
-    """Long-poll: answer with the messages newer than ``since``, now or when one is posted."""
-    since = request.GET.get("since", "")
-    if not since.isdigit():
-        return JsonResponse({"error": "Must supply a numeric since parameter."}, status=400)
+    """Long-poll: answer with the messages newer than ``since``, now or when one is posted (after 30 s, none)."""
 
-    def answer(messages):
-        handler.finish({"messages": messages, "rss": resident_memory()})
-
-    def refuse(error):
-        handler.set_status(400)
-        handler.finish({"error": error})
-
-    def on_end():
+    def answer(events):
         forget()
-        if not handler.request.connection.stream.closed():
-            answer([])  # the server is stopping: an empty answer, and the client polls again (elsewhere)
+        handler.finish({"messages": [as_node_chat_message(event) for event in events], "rss": resident_memory()})
 
-    # The id is optional: the original client polls before it has joined.
-    forget = room.wait(int(since), request.GET.get("id", ""), handler.async_callback(answer), handler.async_callback(refuse))
-    handler.add_disconnect_callback(on_end)
+    def forget():
+        parked.discard(handler)
+        quiet.cancel()
+
+    answer = handler.async_callback(answer)
+    parked.add(handler)
+    quiet = handler.loop.call_later(LONG_POLL_TIMEOUT, answer, [])
+    handler.add_disconnect_callback(forget)
+    chat.query(answer, int(request.GET["since"]))  # cancelled by itself when this request ends; on shutdown, answered with none
 
 
 # -- The page ------------------------------------------------------------------------
@@ -732,14 +600,14 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(argv)
     if options.processes != 1 and not options.redis:
         parser.error("--processes needs --redis URL: without it every worker would hold a room of its own")
-    configure_django(allowed_hosts(options.addresses, options.allowed_host))
+    configure_django(allowed_hosts(options.addresses, options.allowed_host), options.redis)
     if options.redis:
         try:
-            room = RedisRoom(options.redis)
+            room = Room(RedisSessions(options.redis))
         except ImportError:
             parser.error("--redis needs redis-py: pip install redis")
     try:
-        django_tornado.serve(options.addresses, processes=options.processes, reload=options.reload, startup=[room.start])
+        django_tornado.serve(options.addresses, processes=options.processes, reload=options.reload, startup=[start_tidying])
     except (ValueError, OSError) as error:
         parser.error(str(error))
 

@@ -1,4 +1,4 @@
-"""Serve a Django project on Tornado: plain views in a thread pool, long-polls on the IOLoop.
+"""Serve a Django project on Tornado: plain views in a thread pool, long-polls and live updates on the IOLoop.
 
 Every ordinary Django view keeps working unchanged (middleware, sessions, auth,
 CSRF, admin, uploads, error pages) and never blocks the IOLoop. Views that want
@@ -7,7 +7,7 @@ handler as an extra argument and may answer later, and an ``async def`` view
 runs on the IOLoop and can ``await`` anything asyncio or Tornado offers::
 
     from django.http import JsonResponse
-    from django_tornado import asynchronous, serve
+    from django_tornado import Channel, EventStream, asynchronous, serve
 
     def hello(request):                      # a plain view: runs in the pool
         return JsonResponse({"hello": request.GET.get("name", "world")})
@@ -23,6 +23,10 @@ runs on the IOLoop and can ``await`` anything asyncio or Tornado offers::
         await asyncio.sleep(1)
         return JsonResponse({"slept": 1})
 
+    news = Channel("news")                   # publish from any view, thread or process
+    def live(request):                       # Server-Sent Events, replaying what a client missed
+        return EventStream(news, request)
+
     # Tornado routes first, Django for the rest; one process on both ports:
     serve(["8000", "8001"], handlers=[(r"/ws", MyWebSocketHandler)])
 
@@ -36,7 +40,10 @@ bodies, their ``async_callback`` callbacks and ``async def`` views run on the
 IOLoop thread and must not block it. An ``@asynchronous`` view that returns
 ``None`` owns the response until it calls ``handler.finish()`` (from any thread
 through ``handler.async_callback``). With ``threads=0`` everything runs on the
-IOLoop thread, as the original django_tornado did.
+IOLoop thread, as the original django_tornado did. ``Channel.publish`` is safe
+from any thread; channel readers (``query`` callbacks, event streams,
+``listen()``) run on the IOLoop. Channels live in this process's memory, or in
+Redis with ``settings.TORNADO_CHANNELS_URL``.
 
 Not supported: HTTP/2, and response middleware that rewrites the late body of
 an ``@asynchronous`` view (GZip, ETags): middleware sees a placeholder, and only
@@ -2131,8 +2138,8 @@ def serve(
     ``@asynchronous`` requests at once (503 with Retry-After, unless a disconnect
     callback answers them), lets the requests in flight finish for up to
     ``grace_period`` seconds, then returns. A second signal cuts them off.
-    Raises ValueError for a bad argument and OSError (with a plain message) for
-    an address it cannot listen on.
+    Raises ValueError for a bad argument (or a bad ``TORNADO_CHANNELS_URL``) and
+    OSError (with a plain message) for an address it cannot listen on.
     """
     parsed = [_parse_address(address) for address in addresses]
     if not parsed:
@@ -2152,6 +2159,10 @@ def serve(
     stdout = stdout or sys.stdout
     if not apps.ready:
         django.setup(set_prefix=False)
+    try:
+        _channel_backend()  # a bad TORNADO_CHANNELS_URL fails now, not at the first publish
+    except ImproperlyConfigured as error:
+        raise ValueError(str(error)) from None
     startup = [*startup, *getattr(settings, "TORNADO_STARTUP", ())]
     startup_callbacks = [import_string(entry) if isinstance(entry, str) else entry for entry in startup]
     _raise_open_file_limit()

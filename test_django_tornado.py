@@ -1772,6 +1772,23 @@ def test_bad_arguments_exit_non_zero_with_one_clear_line(project, busy_port, arg
     assert output[0].startswith(message.format(busy_port=busy_port))
 
 
+@pytest.mark.parametrize(
+    ("channels_url", "message"),
+    [
+        ("mysql://127.0.0.1/0", "CommandError: TORNADO_CHANNELS_URL must be memory:// or a redis:// URL, not 'mysql://127.0.0.1/0'"),
+        ("redis://127.0.0.1:notaport/0", "CommandError: TORNADO_CHANNELS_URL: "),
+    ],
+)
+def test_a_bad_channels_url_stops_the_server_at_once_with_one_clear_line(project, channels_url, message):
+    with running(project, *runtornado("127.0.0.1:0"), environment={"TEST_CHANNELS_URL": channels_url}) as server:
+        code = server.process.wait(TIMEOUT)
+        server.stop()
+    output = [line for line in server.output if line.strip()]
+    assert code != 0
+    assert len(output) == 1, output
+    assert output[0].startswith(message.format(busy_port=busy_port))
+
+
 @pytest.mark.parametrize("settings_module", ["project_settings", "explicit_settings"])
 def test_manage_py_help_lists_and_explains_runtornado(project, settings_module):
     with running(project, "manage.py", "help", settings_module=settings_module) as listing:
