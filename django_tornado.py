@@ -424,6 +424,32 @@ def _ignore_start_response(status: str, headers: list[tuple[str, str]], exc_info
     """WSGI ``start_response``: the bridge reads status and headers from the response itself."""
 
 
+# A request's life in DjangoHandler, one state at a time; DjangoHandler._move_to
+# makes every move, and _NEXT_STATES says which it may make.
+_RECEIVING = "receiving"  # the request's body is arriving
+_IN_DJANGO = "in Django"  # middleware and the view run: nothing of the answer may go out yet
+_PROMISED = "promised"  # an @asynchronous view returned None; middleware still runs
+_DEFERRED = "deferred"  # that view answers later, through the handler
+_RESPONDING = "responding"  # an answer is going out: Django's, or the server's own (500, 503, 504)
+_ABANDONED = "abandoned"  # the view's answer will never come: its client left, it timed out, the server stops
+_ANSWERED = "answered"  # over: the answer went out
+_GONE = "gone"  # over: the client left
+_UPGRADED = "upgraded"  # over here: a WebSocket has the connection
+_NEXT_STATES = {
+    _RECEIVING: {_IN_DJANGO, _RESPONDING, _ABANDONED},  # responding: Tornado's own error, before Django
+    _IN_DJANGO: {_PROMISED, _RESPONDING, _UPGRADED, _ABANDONED},
+    _PROMISED: {_DEFERRED, _ABANDONED},
+    _DEFERRED: {_ABANDONED, _ANSWERED},
+    _RESPONDING: {_ANSWERED, _GONE},
+    _ABANDONED: {_RESPONDING, _ANSWERED, _GONE},  # answered: a disconnect callback did it
+    _ANSWERED: set(),
+    _GONE: set(),
+    _UPGRADED: set(),
+}
+_DJANGO_RUNNING = frozenset((_IN_DJANGO, _PROMISED))
+_OVER = frozenset((_ANSWERED, _GONE, _UPGRADED))
+
+
 @tornado.web.stream_request_body
 class DjangoHandler(tornado.web.RequestHandler):
     """Serve one request through Django; ``@asynchronous`` views receive it as ``handler``.
@@ -439,22 +465,48 @@ class DjangoHandler(tornado.web.RequestHandler):
         if bridge.loop is None:
             bridge.loop = self.loop.asyncio_loop
         self._loop_thread = threading.get_ident()
+        self._state = _RECEIVING
         self._body: io.IOBase = io.BytesIO()
-        self._in_django = False  # Django is still working on this request (middleware, view)
-        self._waiting_for_django: list[Callable[[], None]] = []  # flush/finish asked for meanwhile
+        self._waiting_for_django: list[Callable[[], None]] = []  # flush/finish asked for while Django runs
         self._finish_waiting: asyncio.Future[None] | None = None
-        self._view_deferred = False  # an @asynchronous view returned None: it answers later
         self._headers_set_meanwhile: set[str] = set()
         self._disconnect_callbacks: list[Callable[[], None]] = []
-        self._over_callbacks: list[Callable[[], None]] = []  # run when the request ends, however it ends
-        self._answered: asyncio.Future[None] | None = None
+        self._over_callbacks: list[Callable[[], None]] = []  # run when the request is over, however it ends
+        self._answered: asyncio.Future[None] | None = None  # a deferred request waits for it
         self._task: asyncio.Task[Any] | None = None  # Django work on the IOLoop the client leaving cancels
         self._expiry: object | None = None
         self._headers_sent = False
-        self._abandoned = False  # ended without the view's answer
-        self._client_left = False  # before any of the answer was sent
-        self._done = False
-        self._body_complete = False  # get() runs only once the whole body has arrived
+        self._client_left = False  # before any of the answer went out (the access log's 499)
+
+    def _move_to(self, state: str) -> bool:
+        """Make the request's one move to ``state``, doing what entering it does; False once it is over.
+
+        Entering "abandoned" runs the disconnect callbacks (the view's answer
+        will not come); entering an end runs the callbacks of ``_when_over``.
+        """
+        if self._state in _OVER:
+            return False
+        if state not in _NEXT_STATES[self._state]:
+            raise RuntimeError(f"{self.request.method} {self.request.uri}: a request can't go from {self._state} to {state}")
+        self._state = state
+        if state is _ABANDONED:
+            callbacks, self._disconnect_callbacks = self._disconnect_callbacks, []
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:
+                    _logger.exception("Error in disconnect callback for %s %s", self.request.method, self.request.uri)
+        elif state in _OVER:
+            self._disconnect_callbacks = []
+            if self._expiry is not None:
+                self.loop.remove_timeout(self._expiry)
+                self._expiry = None
+            if self._answered is not None and not self._answered.done():
+                self._answered.set_result(None)
+            callbacks, self._over_callbacks = self._over_callbacks, []
+            for callback in callbacks:
+                callback()
+        return True
 
     # Request body: collected here so Tornado does not parse forms Django will parse.
 
@@ -487,14 +539,17 @@ class DjangoHandler(tornado.web.RequestHandler):
 
     async def get(self) -> None:
         """Hand the request to Django, then write what it answers."""
-        self._body_complete = True
+        self._move_to(_IN_DJANGO)  # the whole body is here
         if self.request.connection.stream.closed():
             # The client left as it sent the request: Tornado (6.3 to 6.5) sets no
             # close callback then, so say it ourselves (its waiters must not leak).
             self.on_connection_close()
         response = await self._django_response()
         if response is None:  # the client left and the view was cancelled
-            pass
+            return
+        if self._state in _OVER:  # the client left while Django worked
+            if response.streaming:
+                await self.bridge.close_response(response)
         elif isinstance(response, _DeferredResponse):
             timeout, parks = response.timeout, self._take_placeholder(response)
             del response  # a parked request keeps nothing of Django's response: memory per waiter counts
@@ -510,7 +565,6 @@ class DjangoHandler(tornado.web.RequestHandler):
         bridge = self.bridge
         environ = _wsgi_environ(self.request, self._body, self)
         kind = bridge.route(environ)
-        self._in_django = True
         try:
             if kind is _COROUTINE:
                 # As in Django's ASGIHandler: sync code this request calls through
@@ -520,17 +574,17 @@ class DjangoHandler(tornado.web.RequestHandler):
             executor = bridge.reserved_executor if kind is _DEFERRING else bridge.executor
             return await bridge.run_blocking(executor, bridge.get_response, environ)
         finally:
-            self._in_django = False
             self._body.close()  # Django has read it; a spilled upload leaves the disk now
 
     async def _write_response(self, response: HttpResponseBase) -> None:
         """Write Django's response: headers, then the body at once or chunk by chunk."""
-        if self._view_deferred:
+        if self._state is _PROMISED:
             # Middleware replaced the view's placeholder (an error in process_response,
             # say): the view's answer will never go out, so let it drop its waiter.
             _logger.warning("%s %s: middleware replaced the placeholder of an @asynchronous view", self.request.method, self.request.uri)
             self._waiting_for_django = []
-            self._abandon()
+            self._move_to(_ABANDONED)
+        self._move_to(_RESPONDING)
         self.set_status(response.status_code, response.reason_phrase)
         self.clear_header("Content-Type")  # Tornado's default; Django's own headers are complete
         for name, value in _response_headers(response):
@@ -592,7 +646,7 @@ class DjangoHandler(tornado.web.RequestHandler):
     async def _cancel_on_disconnect(self, coroutine: Awaitable[Any]) -> Any:
         """Await ``coroutine`` in a task that the client leaving cancels; None if it did."""
         self._task = asyncio.ensure_future(coroutine)
-        if self._abandoned:
+        if self._state in _OVER:  # gone already
             self._task.cancel()
         try:
             await asyncio.wait([self._task])
@@ -602,9 +656,11 @@ class DjangoHandler(tornado.web.RequestHandler):
 
     # Answering later: the @asynchronous contract.
 
-    def _placeholder(self, timeout: float | None) -> _DeferredResponse:
-        """What an ``@asynchronous`` view that returned None hands to Django's middleware."""
-        self._view_deferred = True
+    def _promise(self, response: HttpResponseBase | None, timeout: float | None) -> HttpResponseBase:
+        """What an ``@asynchronous`` view's return value becomes (on the IOLoop): the placeholder for None."""
+        if response is not None:
+            return response
+        self._move_to(_PROMISED)
         return _DeferredResponse(timeout)
 
     def _take_placeholder(self, placeholder: _DeferredResponse) -> bool:
@@ -617,12 +673,13 @@ class DjangoHandler(tornado.web.RequestHandler):
                 super().add_header(name, value)
             else:
                 super().set_header(name, value)
+        self._move_to(_DEFERRED)
         waiting, self._waiting_for_django = self._waiting_for_django, []
         for operation in waiting:
             operation()
-        if not self._done and self.bridge.stopping:
+        if self._state is _DEFERRED and self.bridge.stopping:
             self.answer_for_shutdown()
-        return not self._done
+        return self._state is _DEFERRED
 
     async def _answer_later(self, timeout: float | None) -> None:
         """Keep the connection open until the view calls ``finish()``, the client leaves or time runs out."""
@@ -639,7 +696,7 @@ class DjangoHandler(tornado.web.RequestHandler):
         """End a deferred request whose view did not answer in time with 504."""
         _logger.warning("%s %s: the view did not answer within %s s", self.request.method, self.request.uri, timeout)
         self._expiry = None
-        self._abandon()
+        self._move_to(_ABANDONED)
         self._fail(504)
 
     def async_callback(self, callback: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[..., None]:
@@ -653,13 +710,16 @@ class DjangoHandler(tornado.web.RequestHandler):
         """
 
         def run(*more_args: Any, **more_kwargs: Any) -> None:
-            if self._done:
+            if self._state in _OVER:
                 return
             try:
                 callback(*args, *more_args, **kwargs, **more_kwargs)
             except Exception:
                 _logger.exception("Error in callback for %s %s", self.request.method, self.request.uri)
-                self._fail(500)
+                if self._state in _DJANGO_RUNNING:  # the 500 waits for middleware, as an answer would
+                    self._waiting_for_django.append(lambda: self._fail(500))
+                else:
+                    self._fail(500)
 
         @functools.wraps(callback)
         def call_on_loop(*more_args: Any, **more_kwargs: Any) -> None:
@@ -696,71 +756,52 @@ class DjangoHandler(tornado.web.RequestHandler):
         is shutting down. Use it to drop a waiter at once. If that has already
         happened (the client left while middleware ran), ``callback`` runs soon.
         """
-        if self._abandoned:
+        if self._state in (_ABANDONED, _GONE):
             self.loop.add_callback(callback)
-        else:
+        elif self._state not in _OVER:
             self._disconnect_callbacks.append(callback)
 
     def _when_over(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` on the IOLoop once the request has ended, in whatever way (from any thread)."""
+        """Run ``callback`` on the IOLoop once the request is over, however it ends (from any thread)."""
         if not self._on_loop_thread():
             self.loop.add_callback(self._when_over, callback)
-        elif self._done:
+        elif self._state in _OVER:
             callback()
         else:
             self._over_callbacks.append(callback)
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
-        self._client_left = not self._done and not self._headers_sent
-        if not self._body_complete:  # the client left mid-body: Tornado will call neither get() nor finish()
+        self._client_left = self._state not in _OVER and not self._headers_sent
+        if self._state is _RECEIVING:  # the client left mid-body: Tornado will call neither get() nor finish()
             self.bridge.handler_finished(self)
         if self._task is not None:
             self._task.cancel()
-        self._abandon()
-        self._mark_done()
+        if self._state in (_RECEIVING, _IN_DJANGO, _PROMISED, _DEFERRED):
+            self._move_to(_ABANDONED)
+        self._move_to(_GONE)
 
     def on_finish(self) -> None:
-        self._mark_done()
+        self._move_to(_ANSWERED)
 
     def answer_for_shutdown(self) -> None:
         """Answer a parked request because the server stops: 503 and Retry-After, unless
         a disconnect callback answers it first (a long-poll may prefer an empty answer)."""
-        self._abandon()
+        self._move_to(_ABANDONED)
         self._fail(503)
-
-    def _abandon(self) -> None:
-        """Run the disconnect callbacks, once, unless the view has answered."""
-        callbacks, self._disconnect_callbacks = self._disconnect_callbacks, []
-        if self._done:
-            return
-        self._abandoned = True
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:
-                _logger.exception("Error in disconnect callback for %s %s", self.request.method, self.request.uri)
-
-    def _mark_done(self) -> None:
-        self._done = True
-        self._disconnect_callbacks = []
-        callbacks, self._over_callbacks = self._over_callbacks, []
-        for callback in callbacks:
-            callback()
-        if self._expiry is not None:
-            self.loop.remove_timeout(self._expiry)
-            self._expiry = None
-        if self._answered is not None and not self._answered.done():
-            self._answered.set_result(None)
 
     def _fail(self, status_code: int) -> None:
         """End the request with a short error, or cut it off if the answer had started."""
-        if self._done:
+        if self._state in (_PROMISED, _DEFERRED):
+            self._move_to(_ABANDONED)  # the view's answer won't come: its waiters may go
+        if self._state in _OVER:  # (a disconnect callback may have answered)
             return
         if self._headers_sent:
             self.request.connection.close()
-            self._mark_done()
+            self._move_to(_GONE)
             return
+        if self._state is not _RESPONDING:
+            self._move_to(_RESPONDING)
         self.clear()
         self.set_status(status_code)
         if status_code == 501:
@@ -773,13 +814,13 @@ class DjangoHandler(tornado.web.RequestHandler):
     # While Django's middleware still holds the placeholder, a late answer waits for its headers.
 
     def flush(self, include_footers: bool = False) -> asyncio.Future[None]:
-        if self._in_django:
+        if self._state in _DJANGO_RUNNING:
             return self._after_django(lambda: self.flush(include_footers))
         self._headers_sent = True
         return super().flush(include_footers)
 
     def finish(self, chunk: str | bytes | dict | None = None) -> asyncio.Future[None]:
-        if self._in_django:
+        if self._state in _DJANGO_RUNNING:
             if self._finish_waiting is None:  # send_error() may ask twice; finish once
                 self._finish_waiting = self._after_django(lambda: self.finish(chunk))
             return self._finish_waiting
@@ -794,17 +835,17 @@ class DjangoHandler(tornado.web.RequestHandler):
         self.bridge.handler_finished(self)
 
     def set_header(self, name: str, value: Any) -> None:
-        if self._in_django:
+        if self._state in _DJANGO_RUNNING:
             self._headers_set_meanwhile.add(name.lower())
         super().set_header(name, value)
 
     def add_header(self, name: str, value: Any) -> None:
-        if self._in_django:
+        if self._state in _DJANGO_RUNNING:
             self._headers_set_meanwhile.add(name.lower())
         super().add_header(name, value)
 
     def clear_header(self, name: str) -> None:
-        if self._in_django:
+        if self._state in _DJANGO_RUNNING:
             self._headers_set_meanwhile.add(name.lower())
         super().clear_header(name)
 
@@ -843,16 +884,14 @@ def asynchronous(view: Callable[..., Any] | None = None, *, timeout: float | Non
         @functools.wraps(view)
         async def deferring_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             handler = _handler_of(request, view)
-            response = await view(request, handler, *args, **kwargs)
-            return handler._placeholder(timeout) if response is None else response
+            return handler._promise(await view(request, handler, *args, **kwargs), timeout)
 
     else:
 
         @functools.wraps(view)
         def deferring_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             handler = _handler_of(request, view)
-            response = handler._call_on_loop_and_wait(view, request, handler, *args, **kwargs)
-            return handler._placeholder(timeout) if response is None else response
+            return handler._call_on_loop_and_wait(lambda: handler._promise(view(request, handler, *args, **kwargs), timeout))
 
     deferring_view.tornado_asynchronous = True
     return deferring_view
