@@ -53,6 +53,7 @@ its headers reach the late answer.
 from __future__ import annotations
 
 import asyncio
+import base64
 import bisect
 import collections
 import concurrent.futures
@@ -62,6 +63,7 @@ import ctypes
 import datetime
 import errno
 import functools
+import hashlib
 import inspect
 import io
 import json
@@ -76,7 +78,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from typing import Any, TextIO
 
 import django
@@ -92,11 +95,12 @@ import tornado.iostream
 import tornado.netutil
 import tornado.util
 import tornado.web
+import tornado.websocket
 from asgiref.sync import ThreadSensitiveContext, iscoroutinefunction, sync_to_async
 from django.apps import apps
 from django.conf import ENVIRONMENT_VARIABLE, settings
 from django.core import signals
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import DisallowedHost, ImproperlyConfigured
 from django.core.handlers.base import BaseHandler
 from django.core.handlers.wsgi import (
     WSGIHandler,
@@ -118,12 +122,14 @@ from django.http import (
     HttpResponseBase,
     StreamingHttpResponse,
 )
+from django.http.request import split_domain_port, validate_host
 from django.urls import Resolver404, get_resolver, set_script_prefix
 from django.utils.cache import add_never_cache_headers
+from django.utils.http import is_same_domain
 from django.utils.module_loading import import_string
 
 __version__ = "0.1.0"
-__all__ = ["Channel", "ChannelUnavailable", "Command", "DjangoHandler", "EventStream", "asynchronous", "main", "make_app", "serve"]
+__all__ = ["Channel", "ChannelUnavailable", "Command", "DjangoHandler", "EventStream", "WebSocket", "asynchronous", "main", "make_app", "serve"]
 
 _logger = logging.getLogger(__name__)
 
@@ -294,6 +300,9 @@ class _DjangoBridge:
         self.reserved_executor = self._pool(min(threads, _RESERVED_THREADS), "django-asynchronous")
         self.active_handlers: set[DjangoHandler] = set()  # requests in progress, for a graceful shutdown
         self.deferred_handlers: set[DjangoHandler] = set()  # those parked until the view answers
+        self.sockets: set[WebSocket] = set()  # open WebSockets
+        self._sockets_by_session: dict[str, set[WebSocket]] = {}  # by their session's hash, for logouts
+        self._logouts: _Reader | None = None
         self.stopping = False
         self._idle: asyncio.Future[None] | None = None
         self._async_handler: BaseHandler | None = None
@@ -390,9 +399,33 @@ class _DjangoBridge:
         return self.run_blocking(self.executor, response.close)
 
     def handler_finished(self, handler: DjangoHandler) -> None:
-        """Note that ``handler``'s response has been written out."""
+        """Note that ``handler``'s response has been written out (or a WebSocket has the connection)."""
         self.active_handlers.discard(handler)
-        if not self.active_handlers and self._idle is not None and not self._idle.done():
+        self._note_if_idle()
+
+    def socket_opened(self, websocket: WebSocket) -> None:
+        self.sockets.add(websocket)
+        if websocket._session_hash is not None:
+            self._sockets_by_session.setdefault(websocket._session_hash, set()).add(websocket)
+            if self._logouts is None:  # from now on, a logout in any process closes its sockets here
+                self._logouts = _Reader(Channel(_LOGOUTS), None, self._close_logged_out, _nothing)
+                self._logouts.start()
+
+    def socket_closed(self, websocket: WebSocket) -> None:
+        self.sockets.discard(websocket)
+        same_session = self._sockets_by_session.get(websocket._session_hash, set())
+        same_session.discard(websocket)
+        if not same_session:
+            self._sockets_by_session.pop(websocket._session_hash, None)
+        self._note_if_idle()
+
+    def _close_logged_out(self, events: list[_Event]) -> None:
+        for event in events:
+            for websocket in list(self._sockets_by_session.get(event["data"], ())):
+                websocket.close(_LOGGED_OUT, "logged out")
+
+    def _note_if_idle(self) -> None:
+        if not (self.active_handlers or self.sockets) and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
 
     async def drain(self, grace_period: float) -> bool:
@@ -405,8 +438,10 @@ class _DjangoBridge:
         _stop_channel_readers(loop)  # long-polls on channels get no events, event streams end
         for handler in list(self.deferred_handlers):
             handler.answer_for_shutdown()
+        for websocket in list(self.sockets):
+            websocket.close(1001, "the server is stopping")  # after what was sent to it
         deadline = loop.time() + grace_period
-        while self.active_handlers:
+        while self.active_handlers or self.sockets:
             self._idle = loop.create_future()
             finished, _ = await asyncio.wait({self._idle}, timeout=max(0.0, deadline - loop.time()))
             if not finished:
@@ -550,6 +585,8 @@ class DjangoHandler(tornado.web.RequestHandler):
         if self._state in _OVER:  # the client left while Django worked
             if response.streaming:
                 await self.bridge.close_response(response)
+        elif isinstance(response, _SocketUpgrade):
+            self._upgrade(response)
         elif isinstance(response, _DeferredResponse):
             timeout, parks = response.timeout, self._take_placeholder(response)
             del response  # a parked request keeps nothing of Django's response: memory per waiter counts
@@ -575,6 +612,15 @@ class DjangoHandler(tornado.web.RequestHandler):
             return await bridge.run_blocking(executor, bridge.get_response, environ)
         finally:
             self._body.close()  # Django has read it; a spilled upload leaves the disk now
+
+    def _upgrade(self, upgrade: _SocketUpgrade) -> None:
+        """Hand the connection to the WebSocket the view made, unless the server is stopping."""
+        if self.bridge.stopping:
+            self._fail(503)
+            return
+        self._move_to(_UPGRADED)
+        upgrade.websocket._start(self, upgrade)
+        self.bridge.handler_finished(self)
 
     async def _write_response(self, response: HttpResponseBase) -> None:
         """Write Django's response: headers, then the body at once or chunk by chunk."""
@@ -820,6 +866,10 @@ class DjangoHandler(tornado.web.RequestHandler):
         return super().flush(include_footers)
 
     def finish(self, chunk: str | bytes | dict | None = None) -> asyncio.Future[None]:
+        if self._state is _UPGRADED:  # Tornado finishing the request after get(): the WebSocket has answered
+            answered = self.loop.asyncio_loop.create_future()
+            answered.set_result(None)
+            return answered
         if self._state in _DJANGO_RUNNING:
             if self._finish_waiting is None:  # send_error() may ask twice; finish once
                 self._finish_waiting = self._after_django(lambda: self.finish(chunk))
@@ -942,7 +992,7 @@ class _Event(dict):
     made; what the transports send of it is encoded once, the first time.
     """
 
-    __slots__ = ("_data_json", "_frame")
+    __slots__ = ("_data_json", "_frame", "_json")
 
     def __init__(self, event_id: int, data: Any, name: str | None, data_json: str | None = None) -> None:
         super().__init__(id=event_id, data=data)
@@ -950,6 +1000,13 @@ class _Event(dict):
             self["event"] = name
         self._data_json = data_json
         self._frame: bytes | None = None
+        self._json: str | None = None
+
+    def json_text(self) -> str:
+        """The event as JSON (what a WebSocket sends)."""
+        if self._json is None:
+            self._json = _json_text(self)
+        return self._json
 
     def sse_frame(self) -> bytes:
         """The event as Server-Sent Events fields (``id:``, ``event:``, ``data:``)."""
@@ -1786,6 +1843,334 @@ class EventStream(StreamingHttpResponse):
 
 def _plain_response(status: int, detail: str) -> HttpResponse:
     return HttpResponse(f"{status} {tornado.httputil.responses[status]}: {detail}\n", status=status, content_type="text/plain; charset=utf-8")
+
+
+# -- Live updates: WebSocket endpoints that are Django views ------------------------
+# The handshake is an ordinary request through Django (middleware, decorators,
+# the view); the view answers with an upgrade, and then Tornado's own WebSocket
+# protocol has the connection, speaking for the endpoint the view made.
+
+_LOGOUTS = "django_tornado.logouts"  # a channel: hashes of the sessions logged out, for every process's sockets
+_LOGGED_OUT = 4401  # the close code for a socket whose session logged out (4000-4999: the application's)
+
+
+class WebSocket:
+    """A WebSocket endpoint that is a Django view: ``path("ws/", login_required(Feed.as_view()))``.
+
+    The handshake is an ordinary request: the project's middleware and the
+    view's decorators run in the pool, and if they answer (a redirect to the
+    login page, 403, 404) that is the answer and no socket opens. Otherwise the
+    connection is upgraded and ``open(**kwargs)`` runs with the URL's kwargs;
+    ``self.request`` is the handshake's HttpRequest, with ``user``, ``session``
+    and whatever middleware set.
+
+    Plain methods (``open``, ``on_message``, ``on_close``) run in the thread
+    pool, one at a time and in order for each socket, so they may use the ORM;
+    ``async def`` ones run on the IOLoop and must not block. ``on_event``
+    always runs on the IOLoop. ``send`` and ``close`` are safe from any thread.
+    Options are class attributes, or keywords of ``as_view()``.
+    """
+
+    max_message_size = 1024 * 1024  # a larger message (fragmented or not) closes the socket with 1009
+    ping_interval = 20.0  # seconds between pings
+    ping_timeout = 20.0  # seconds a pong may take (uvicorn's; Tornado 6.5+ refuses one above the interval)
+    max_queued_bytes = 1024 * 1024  # output waiting for a client that doesn't read: past it, closed with 1008
+    allowed_origins: Collection[str] | None = None  # None: this site's origins; or a list ("*": any origin)
+    compression = False  # permessage-deflate
+
+    request: HttpRequest
+
+    @classmethod
+    def as_view(cls, **options: Any) -> Callable[..., HttpResponseBase]:
+        """Return the view that answers the handshake; ``options`` override the class's attributes."""
+        for name in options:
+            if name.startswith("_") or not hasattr(cls, name) or callable(getattr(cls, name)):
+                raise TypeError(f"{cls.__qualname__}.as_view() got {name!r}, which is not an option of {cls.__qualname__}")
+        _announce_logouts()
+
+        def view(request: HttpRequest, **kwargs: Any) -> HttpResponseBase:
+            return cls._handshake(request, options, kwargs)
+
+        view.view_class = cls
+        view.__name__, view.__qualname__, view.__module__, view.__doc__ = cls.__name__, cls.__qualname__, cls.__module__, cls.__doc__
+        return view
+
+    @classmethod
+    def _handshake(cls, request: HttpRequest, options: dict[str, Any], url_kwargs: dict[str, Any]) -> HttpResponseBase:
+        """Answer a handshake that middleware and decorators let through: an upgrade, or why not (RFC 6455 4.2)."""
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if _HANDLER_ENVIRON_KEY not in request.META:
+            return _plain_response(501, f"the WebSocket {name} needs django_tornado (runtornado, serve or make_app) to serve it")
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            refusal = _plain_response(426, f"{request.path} is a WebSocket endpoint: open it with a WebSocket client")
+            refusal["Upgrade"], refusal["Sec-WebSocket-Version"] = "websocket", "13"
+            return refusal
+        if request.method != "GET":
+            refusal = _plain_response(405, "a WebSocket handshake is a GET request")
+            refusal["Allow"] = "GET"
+            return refusal
+        if "upgrade" not in [token.strip().lower() for token in request.headers.get("Connection", "").split(",")]:
+            return _plain_response(400, "a WebSocket handshake needs Connection: Upgrade")
+        if request.headers.get("Sec-WebSocket-Version") != "13":
+            refusal = _plain_response(426, "this server speaks WebSocket version 13")
+            refusal["Sec-WebSocket-Version"] = "13"
+            return refusal
+        try:
+            key_is_good = len(base64.b64decode(request.headers.get("Sec-WebSocket-Key", ""), validate=True)) == 16
+        except ValueError:
+            key_is_good = False
+        if not key_is_good:
+            return _plain_response(400, "Sec-WebSocket-Key must be 16 bytes in base64")
+        websocket = cls()
+        websocket.__dict__.update(options)
+        websocket.request = request
+        websocket._url_kwargs = url_kwargs
+        origin = request.headers.get("Origin")
+        if origin is not None and not websocket._origin_allowed(origin):
+            _logger.warning("%s %s: refused a WebSocket handshake from %s, not an origin of this site", request.method, request.get_full_path(), origin[:200])
+            return _plain_response(403, f"WebSocket connections from {origin[:200]} are not allowed")
+        return _SocketUpgrade(websocket)
+
+    def _origin_allowed(self, origin: str) -> bool:
+        """Whether a browser's ``Origin`` may open this socket: cross-site WebSocket hijacking is refused."""
+        if self.allowed_origins is not None:
+            return "*" in self.allowed_origins or origin in self.allowed_origins
+        return _origin_is_this_site(self.request, origin)
+
+    # What the endpoint overrides.
+
+    def open(self, **kwargs: Any) -> Any:
+        """The socket is open; ``kwargs`` are the URL's. Subscribe to channels here."""
+
+    def on_message(self, message: str | bytes) -> Any:
+        """A message came: a str (text) or bytes (binary)."""
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        """An event of a subscribed channel came (on the IOLoop, so it must not block): send it, by default."""
+        self.send(event)
+
+    def on_close(self) -> Any:
+        """The socket has closed (from either side); nothing more can be sent."""
+
+    # What the endpoint calls.
+
+    def send(self, data: Any) -> None:
+        """Send ``data``: a dict or list as JSON text, a str as text, bytes as binary. From any thread; never waits."""
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            message, binary = bytes(data), True
+        elif isinstance(data, str):
+            message, binary = data, False
+        elif isinstance(data, _Event):
+            message, binary = data.json_text(), False
+        else:
+            message, binary = _encode_event_data(data), False
+        self._on_loop(self._write, message, binary)
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close the socket with ``code`` and ``reason``; from any thread. What was sent before goes first."""
+        self._on_loop(self._close, code, reason)
+
+    def subscribe(self, channel: Channel, since: int | None = None) -> None:
+        """Have ``channel``'s events sent to this socket (through ``on_event``), first the backlog after ``since``.
+
+        A socket may follow several channels; subscribing to one again starts it
+        over from ``since``. Events come as ``{"id", "data", "event"}`` JSON, after
+        a "reset" one if events after ``since`` are gone.
+        """
+        since = None if since is None else _check_event_id(since)
+        self._on_loop(self._follow, channel, since)
+
+    def unsubscribe(self, channel: Channel) -> None:
+        """Send no more of ``channel``'s events."""
+        self._on_loop(self._unfollow, channel)
+
+    # Its life, on the IOLoop.
+
+    def _start(self, handler: DjangoHandler, upgrade: _SocketUpgrade) -> None:
+        """Take the connection from ``handler``; Tornado's protocol then answers the handshake (101)."""
+        self._bridge, self._loop = handler.bridge, handler.loop
+        self._readers: dict[str, _Reader] = {}
+        self._turn: asyncio.Future[None] | None = None  # the endpoint's method running now, or last
+        self._closed = False
+        self.request.META.pop(_HANDLER_ENVIRON_KEY)  # the DjangoHandler is done with this request
+        self._stream = handler.request.connection.stream
+        self._stream.max_write_buffer_size = self.max_queued_bytes  # a client that doesn't read can't grow memory
+        self._protocol = _SocketHandler(handler.application, handler.request, websocket=self)
+        for name, value in _response_headers(upgrade):  # what middleware set: cookies, say
+            if name.lower() not in ("content-type", "content-length"):
+                self._protocol.add_header(name, value)
+        session = getattr(self.request, "session", None)
+        self._session_hash = _session_hash(session.session_key) if session is not None and session.session_key else None
+        self._bridge.socket_opened(self)
+        self._lifetime = self._loop.asyncio_loop.create_task(self._protocol.get(**self._url_kwargs))
+
+    def _on_loop(self, function: Callable[..., Any], *args: Any) -> None:
+        if asyncio.events._get_running_loop() is self._loop.asyncio_loop:
+            function(*args)
+        else:
+            self._bridge.calls_from_threads.call_soon(self._loop, function, *args)
+
+    def _run(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future[None]:
+        """Run one of the endpoint's methods once the one before has returned: in the pool, or on the IOLoop."""
+        self._turn = asyncio.ensure_future(self._call(self._turn, method, args, kwargs))
+        return self._turn
+
+    async def _call(self, previous: asyncio.Future[None] | None, method: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
+        try:
+            if iscoroutinefunction(method):
+                await method(*args, **kwargs)
+            else:
+                await self._bridge.run_blocking(self._bridge.executor, functools.partial(method, *args, **kwargs))
+        except Exception:
+            _logger.exception("WebSocket %s: %s() failed; closing it with 1011", self.request.path, method.__name__)
+            self._close(1011, "server error")
+
+    def _write(self, message: str | bytes, binary: bool) -> None:
+        if self._closed:
+            return
+        try:
+            written = self._protocol.write_message(message, binary=binary)
+        except tornado.websocket.WebSocketClosedError:
+            return  # closing: what was still to send goes nowhere
+        except tornado.iostream.StreamBufferFullError:
+            _logger.warning("WebSocket %s: the client left %d bytes unread; closing it with 1008", self.request.path, self.max_queued_bytes)
+            self._stream.max_write_buffer_size = None  # room for the close frame
+            self._close(1008, "too slow")
+            return
+        written.add_done_callback(_written)
+
+    def _close(self, code: int, reason: str) -> None:
+        if not self._closed:
+            self._protocol.close(code, reason)
+
+    def _follow(self, channel: Channel, since: int | None) -> None:
+        self._unfollow(channel)
+        if not self._closed:
+            reader = self._readers[channel.name] = _Reader(channel, since, self._events, _nothing)
+            reader.start()
+
+    def _unfollow(self, channel: Channel) -> None:
+        reader = self._readers.pop(channel.name, None)
+        if reader is not None:
+            reader.cancel()
+
+    def _events(self, events: list[_Event]) -> None:
+        for event in events:
+            result = self.on_event(event)
+            if inspect.isawaitable(result):
+                asyncio.ensure_future(result)
+
+    def _ended(self) -> None:
+        """The connection has closed: drop the subscriptions, then run ``on_close`` after what runs."""
+        self._closed = True
+        for reader in self._readers.values():
+            reader.cancel()
+        self._readers.clear()
+        self._run(self.on_close).add_done_callback(lambda _: self._bridge.socket_closed(self))
+
+
+def _nothing() -> None:
+    """A socket's channel reader has nothing to do when the server stops: the server closes the socket."""
+
+
+def _written(write: asyncio.Future[None]) -> None:
+    """A write a socket that closed meanwhile never finished is no error."""
+    if not write.cancelled():
+        write.exception()
+
+
+def _origin_is_this_site(request: HttpRequest, origin: str) -> bool:
+    """Whether ``origin`` is this site's: the request's own scheme and host, an ALLOWED_HOSTS
+    entry (on the same scheme, matched as Django matches hosts, "*" excepted: it would let
+    any site in), or a CSRF_TRUSTED_ORIGINS entry (matched as CsrfViewMiddleware does)."""
+    parts = urllib.parse.urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return False  # "null" (a sandboxed frame, a file), or not an origin at all
+    with contextlib.suppress(DisallowedHost):
+        if origin == f"{request.scheme}://{request.get_host()}":  # the scheme honours --xheaders
+            return True
+    domain, _ = split_domain_port(parts.netloc)
+    hosts = [host for host in settings.ALLOWED_HOSTS if host != "*"]
+    if parts.scheme == request.scheme and domain and validate_host(domain, hosts):
+        return True
+    for trusted in settings.CSRF_TRUSTED_ORIGINS:
+        if "*" in trusted:
+            scheme, _, pattern = trusted.partition("://")
+            if parts.scheme == scheme and is_same_domain(parts.netloc, pattern.lstrip("*")):
+                return True
+        elif origin == trusted:
+            return True
+    return False
+
+
+def _session_hash(session_key: str) -> str:
+    """What a logout announces of a session: not its key, which was a password until then."""
+    return hashlib.sha256(session_key.encode()).hexdigest()
+
+
+def _announce_logouts() -> None:
+    """Connect, once per process, the receiver that tells every process's sockets of a logout."""
+    from django.contrib.auth.signals import user_logged_out
+
+    user_logged_out.connect(_logged_out, dispatch_uid=_LOGOUTS, weak=False)
+
+
+def _logged_out(sender: Any, request: HttpRequest | None = None, **kwargs: Any) -> None:
+    session = getattr(request, "session", None)
+    if session is None or not session.session_key:
+        return
+    try:
+        Channel(_LOGOUTS, backlog=100, retention=600).publish(_session_hash(session.session_key))
+    except ChannelUnavailable as error:  # logging out must work even so
+        _logger.warning("The logout's sockets stay open in other processes: %s", error)
+
+
+class _SocketUpgrade(HttpResponse):
+    """What a WebSocket view answers a good handshake with, through middleware: the bridge upgrades it."""
+
+    status_code = 101
+
+    def __init__(self, websocket: WebSocket) -> None:
+        super().__init__()
+        self.websocket = websocket
+
+
+class _SocketHandler(tornado.websocket.WebSocketHandler):
+    """Tornado's WebSocket protocol, speaking for one endpoint once Django has let its handshake through."""
+
+    def initialize(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+        # RequestHandler._execute sets this (Tornado 6.3-6.6); get() is called here directly.
+        self._transforms = []
+
+    def check_origin(self, origin: str) -> bool:
+        return True  # the endpoint decided, in Django's view
+
+    @property
+    def ping_interval(self) -> float:
+        return self.websocket.ping_interval
+
+    @property
+    def ping_timeout(self) -> float:
+        return self.websocket.ping_timeout
+
+    @property
+    def max_message_size(self) -> int:
+        return self.websocket.max_message_size
+
+    def get_compression_options(self) -> dict[str, Any] | None:
+        return {} if self.websocket.compression else None
+
+    def open(self, **kwargs: Any) -> Awaitable[None]:
+        return self.websocket._run(self.websocket.open, **kwargs)  # awaited: messages wait for it
+
+    def on_message(self, message: str | bytes) -> Awaitable[None]:
+        return self.websocket._run(self.websocket.on_message, message)  # awaited: the next waits for it
+
+    def on_close(self) -> None:
+        self.websocket._ended()
 
 
 # -- Wiring: the Tornado application -------------------------------------------

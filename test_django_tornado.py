@@ -31,6 +31,7 @@ import django
 import pytest
 import requests
 import tornado
+import tornado.httpclient
 import tornado.httpserver
 import tornado.netutil
 import tornado.websocket
@@ -66,6 +67,7 @@ django.setup()
 
 # Imported once settings are configured:
 from django.contrib.auth import authenticate, login
+from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
 from django.core.management import call_command
 from django.http import (
@@ -79,7 +81,7 @@ from django.urls import path, reverse
 from django.views.decorators.csrf import csrf_exempt
 
 import django_tornado
-from django_tornado import Channel, EventStream, asynchronous, make_app
+from django_tornado import Channel, EventStream, WebSocket, asynchronous, make_app
 
 urlpatterns = []
 TIMEOUT = 10  # seconds any single client call may take before the test fails
@@ -868,7 +870,7 @@ def test_threads_must_not_be_negative():
 
 def test_module_exports_a_small_api():
     assert django_tornado.__all__ == [
-        "Channel", "ChannelUnavailable", "Command", "DjangoHandler", "EventStream", "asynchronous", "main", "make_app", "serve",
+        "Channel", "ChannelUnavailable", "Command", "DjangoHandler", "EventStream", "WebSocket", "asynchronous", "main", "make_app", "serve",
     ]
 
 
@@ -1182,6 +1184,385 @@ def test_an_event_stream_needs_django_tornado_to_serve_it():
     assert "needs django_tornado" in response.content.decode()
 
 
+# -- WebSocket endpoints that are Django views ----------------------------------------
+
+
+class TaggingMiddleware:
+    """A project's own middleware: what it sets on the request, a socket's ``self.request`` has."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        request.tagged_by_middleware = "tagged"
+        return self.get_response(request)
+
+
+class WhoAmI(WebSocket):
+    def open(self, **kwargs):
+        self.send({
+            "user": self.request.user.username,
+            "kwargs": kwargs,
+            "tag": getattr(self.request, "tagged_by_middleware", None),
+            "in_pool": threading.current_thread().name.startswith("django"),
+        })
+
+    def on_message(self, message):
+        self.send({"echo": message})
+
+
+@route("accounts/login/")
+def accounts_login(request):
+    from django.contrib.auth.views import LoginView
+
+    return LoginView.as_view()(request)
+
+
+@route("accounts/logout/")
+def accounts_logout(request):
+    from django.contrib.auth.views import LogoutView
+
+    return LogoutView.as_view(next_page="/fast")(request)
+
+
+urlpatterns.append(path("ws/whoami/<slug:room>", login_required(WhoAmI.as_view()), name="whoami-socket"))
+
+
+def socket_url(server, path):
+    return f"ws://127.0.0.1:{server.port}{path}"
+
+
+class SocketClient:
+    """A real WebSocket client (Tornado's), driven from the test's thread: each call runs on its own loop."""
+
+    def __init__(self, url, headers=None, cookies=None):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        request_headers = dict(headers or {})
+        if cookies:
+            request_headers["Cookie"] = "; ".join(f"{name}={value}" for name, value in cookies.items())
+        request = tornado.httpclient.HTTPRequest(url, headers=request_headers, request_timeout=TIMEOUT)
+        try:
+            self.connection = self._on_its_loop(lambda: tornado.websocket.websocket_connect(request))
+        except BaseException:
+            self.close()
+            raise
+
+    def _on_its_loop(self, start, timeout=TIMEOUT):
+        """Call ``start()`` on the client's loop and wait for what it returns (Tornado's client needs its loop)."""
+
+        async def bounded():
+            return await asyncio.wait_for(start(), timeout)
+
+        return asyncio.run_coroutine_threadsafe(bounded(), self.loop).result(timeout + 1)
+
+    def receive(self, timeout=TIMEOUT):
+        """The next message (a str or bytes; a JSON text decoded), or None once the server has closed."""
+        message = self._on_its_loop(self.connection.read_message, timeout)
+        if isinstance(message, str) and message[:1] in "[{":
+            return json.loads(message)
+        return message
+
+    def send(self, message):
+        self._on_its_loop(lambda: self.connection.write_message(message, binary=isinstance(message, bytes)))
+
+    @property
+    def close_code(self):
+        return self.connection.close_code
+
+    def close(self):
+        connection = getattr(self, "connection", None)
+        if connection is not None:
+            self.loop.call_soon_threadsafe(connection.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(TIMEOUT)
+
+
+def handshake_refusal(url, **kwargs):
+    """The HTTP status a refused handshake got."""
+    with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
+        SocketClient(url, **kwargs)
+    return refused.value.code
+
+
+@pytest.fixture(scope="module")
+def site(database):
+    """A server with a middleware of the project's own, and a user to log in as."""
+    User.objects.filter(username="grace").delete()
+    User.objects.create_user("grace", password="hopper-1906")
+    with override_settings(MIDDLEWARE=[*settings.MIDDLEWARE, "test_django_tornado.TaggingMiddleware"]), LiveServer(make_app(threads=4)) as live:
+        yield live
+
+
+def logged_in(site):
+    """A browser session logged in through Django's own LoginView (CSRF token and all)."""
+    browser = requests.Session()
+    token = browser.get(site.url("/form"), timeout=TIMEOUT).json()["csrf"]
+    response = browser.post(site.url("/accounts/login/"), data={"username": "grace", "password": "hopper-1906", "csrfmiddlewaretoken": token},
+                            timeout=TIMEOUT, allow_redirects=False)
+    assert response.status_code == 302, response.text
+    return browser
+
+
+def test_a_websocket_behind_login_required_is_refused_anonymous_then_knows_the_user_and_closes_on_logout(site):
+    assert handshake_refusal(socket_url(site, "/ws/whoami/lobby")) == 302  # to the login page: no socket
+    browser = logged_in(site)
+    client = SocketClient(socket_url(site, "/ws/whoami/lobby"), cookies=browser.cookies.get_dict())
+    try:
+        assert client.receive() == {"user": "grace", "kwargs": {"room": "lobby"}, "tag": "tagged", "in_pool": True}
+        client.send("hello")
+        assert client.receive() == {"echo": "hello"}
+        token = browser.cookies["csrftoken"]
+        assert browser.post(site.url("/accounts/logout/"), data={"csrfmiddlewaretoken": token}, timeout=TIMEOUT, allow_redirects=False).status_code == 302
+        assert client.receive() is None
+        assert client.close_code == 4401
+    finally:
+        client.close()
+    assert handshake_refusal(socket_url(site, "/ws/whoami/lobby"), cookies=browser.cookies.get_dict()) == 302
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        (None, True),  # not a browser
+        ("http://127.0.0.1:{port}", True),  # the request's own scheme, host and port
+        ("http://localhost:9999", True),  # an ALLOWED_HOSTS entry, on the same scheme
+        ("https://app.trusted.example", True),  # a CSRF_TRUSTED_ORIGINS wildcard
+        ("http://evil.example", False),
+        ("https://127.0.0.1:{port}", False),  # another scheme
+        ("http://127.0.0.1.evil.example", False),
+        ("null", False),  # a sandboxed frame, a file
+    ],
+)
+def test_a_browser_handshake_from_another_site_is_refused_even_with_the_session_cookie(site, origin, allowed, caplog):
+    browser = logged_in(site)
+    headers = {} if origin is None else {"Origin": origin.format(port=site.port)}
+    with override_settings(CSRF_TRUSTED_ORIGINS=["https://*.trusted.example"]):
+        if allowed:
+            client = SocketClient(socket_url(site, "/ws/whoami/x"), headers=headers, cookies=browser.cookies.get_dict())
+            assert client.receive()["user"] == "grace"
+            client.close()
+        else:
+            assert handshake_refusal(socket_url(site, "/ws/whoami/x"), headers=headers, cookies=browser.cookies.get_dict()) == 403
+            assert [record.getMessage() for record in caplog.records if "refused a WebSocket handshake" in record.getMessage()] == [
+                f"GET /ws/whoami/x: refused a WebSocket handshake from {headers['Origin']}, not an origin of this site"
+            ]
+
+
+def test_allowed_hosts_star_does_not_open_the_origin_check(site):
+    with override_settings(ALLOWED_HOSTS=["*"]):
+        assert handshake_refusal(socket_url(site, "/ws/whoami/x"), headers={"Origin": "http://evil.example"}, cookies=logged_in(site).cookies.get_dict()) == 403
+
+
+class Ledger(WebSocket):
+    """A sync on_message that uses the ORM, and one socket's messages in order."""
+
+    def on_message(self, message):
+        count = User.objects.filter(username__startswith="ledger-").count()
+        User.objects.create_user(f"ledger-{time.monotonic_ns()}")
+        self.send({"message": message, "users_before": count})
+
+
+class AsyncLedger(WebSocket):
+    async def on_message(self, message):
+        await asyncio.sleep(0.01 * (int(message) % 3))  # later messages sometimes finish first, if not kept in order
+        self.send({"message": message, "on_loop": threading.current_thread() is threading.main_thread() or "django" not in threading.current_thread().name})
+
+
+urlpatterns += [path("ws/ledger", Ledger.as_view()), path("ws/async-ledger", AsyncLedger.as_view())]
+
+
+def test_sync_and_async_def_message_handlers_on_one_server_keep_each_sockets_order(server):
+    User.objects.filter(username__startswith="ledger-").delete()
+    sync_client, async_client = SocketClient(socket_url(server, "/ws/ledger")), SocketClient(socket_url(server, "/ws/async-ledger"))
+    try:
+        for number in range(10):
+            sync_client.send(str(number))
+            async_client.send(str(number))
+        sync_answers = [sync_client.receive() for _ in range(10)]
+        async_answers = [async_client.receive() for _ in range(10)]
+    finally:
+        sync_client.close()
+        async_client.close()
+    assert sync_answers == [{"message": str(number), "users_before": number} for number in range(10)]  # each saw the one before
+    assert [answer["message"] for answer in async_answers] == [str(number) for number in range(10)]
+    assert all(answer["on_loop"] for answer in async_answers)
+
+
+class Small(WebSocket):
+    max_message_size = 1024
+
+    def on_message(self, message):
+        self.send({"length": len(message)})
+
+
+urlpatterns.append(path("ws/small", Small.as_view()))
+
+
+def test_a_message_one_byte_over_the_limit_closes_the_socket_with_1009(server):
+    client = SocketClient(socket_url(server, "/ws/small"))
+    try:
+        client.send(b"x" * 1024)
+        assert client.receive() == {"length": 1024}
+        client.send(b"x" * 1025)
+        assert client.receive() is None
+        assert client.close_code == 1009
+    finally:
+        client.close()
+
+
+class Broken(WebSocket):
+    def open(self):
+        if self.request.GET.get("fail") == "open":
+            raise RuntimeError("open broke")
+        self.send("opened")
+
+    def on_message(self, message):
+        raise RuntimeError(f"on_message broke on {message}")
+
+
+urlpatterns.append(path("ws/broken", Broken.as_view()))
+
+
+@pytest.mark.parametrize("where", ["open", "on_message"])
+def test_an_exception_in_an_endpoint_closes_its_socket_with_1011_and_one_log_line(server, where, caplog):
+    client = SocketClient(socket_url(server, f"/ws/broken?fail={where}"))
+    try:
+        if where == "on_message":
+            assert client.receive() == "opened"
+            client.send("boom")
+        assert client.receive() is None
+        assert client.close_code == 1011
+    finally:
+        client.close()
+    failures = [record for record in caplog.records if "failed; closing it with 1011" in record.getMessage()]
+    assert len(failures) == 1 and failures[0].getMessage() == f"WebSocket /ws/broken: {where}() failed; closing it with 1011"
+    assert f"{where} broke" in str(failures[0].exc_info[1])  # with its traceback
+    assert get(server, "/fast").status_code == 200  # the server goes on
+
+
+feed = Channel("socket-feed", backlog=3)
+
+
+class Feed(WebSocket):
+    def open(self):
+        since = self.request.GET.get("since")
+        self.subscribe(feed, since=int(since) if since else None)
+
+
+urlpatterns.append(path("ws/feed", Feed.as_view()))
+
+
+def test_a_subscribed_socket_gets_the_channels_events_replaying_after_since(server):
+    first = feed.publish("first")
+    client = SocketClient(socket_url(server, f"/ws/feed?since={first}"))
+    try:
+        second = feed.publish({"n": 2}, event="named")
+        assert client.receive() == {"id": second, "data": {"n": 2}, "event": "named"}
+        wait_for(lambda: readers_of("socket-feed") == 1)
+    finally:
+        client.close()
+    wait_for(lambda: readers_of("socket-feed") == 0)  # its subscription went with it
+    later = [feed.publish(number) for number in range(3)]  # the backlog of 3 no longer has the second
+    outrun = SocketClient(socket_url(server, f"/ws/feed?since={first}"))
+    try:
+        assert outrun.receive() == {"id": second, "data": None, "event": "reset"}
+        assert [outrun.receive()["id"] for _ in range(3)] == later
+    finally:
+        outrun.close()
+
+
+def test_a_websocket_url_without_upgrade_gets_426(server):
+    response = get(server, "/ws/feed")
+    assert response.status_code == 426
+    assert response.headers["Upgrade"] == "websocket"
+    assert "is a WebSocket endpoint" in response.text
+
+
+def test_a_websocket_view_needs_django_tornado_to_serve_it():
+    from django.test import Client
+
+    response = Client().get("/ws/feed", HTTP_HOST="127.0.0.1", HTTP_UPGRADE="websocket", HTTP_CONNECTION="Upgrade")
+    assert response.status_code == 501
+    assert "the WebSocket test_django_tornado.Feed needs django_tornado" in response.content.decode()
+
+
+def raw_handshake(server, path="/ws/small", **headers):
+    fields = {"Host": f"127.0.0.1:{server.port}", "Upgrade": "websocket", "Connection": "Upgrade",
+              "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13", **headers}
+    head = f"GET {path} HTTP/1.1\r\n" + "".join(f"{name}: {value}\r\n" for name, value in fields.items() if value is not None) + "\r\n"
+    connection = raw_request(server, head.encode())
+    answer = connection.recv(4096)
+    return connection, answer
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"Sec-WebSocket-Key": "short"}, b"400"),
+        ({"Sec-WebSocket-Key": None}, b"400"),
+        ({"Sec-WebSocket-Version": "8"}, b"426"),
+        ({"Connection": "keep-alive"}, b"400"),
+    ],
+)
+def test_a_malformed_handshake_gets_the_protocols_answer(server, headers, status):
+    connection, answer = raw_handshake(server, **headers)
+    connection.close()
+    assert answer.split(b" ", 2)[1] == status
+    if status == b"426":
+        assert b"sec-websocket-version: 13" in answer.lower()
+
+
+def frame(opcode, payload, fin=True):
+    """A client frame (masked, as RFC 6455 requires of clients)."""
+    mask = b"\x01\x02\x03\x04"
+    length = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    head += bytes([0x80 | length]) if length < 126 else bytes([0x80 | 126]) + length.to_bytes(2, "big")
+    return head + mask + bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+
+
+def read_close_code(connection):
+    """The close code of the server's close frame (after any other frames), or None if it just hung up."""
+    data = b""
+    with contextlib.suppress(OSError):
+        while chunk := connection.recv(65536):
+            data += chunk
+    while len(data) >= 2:
+        opcode, length = data[0] & 0x0F, data[1] & 0x7F
+        start = 2 if length < 126 else 4
+        if length == 126:
+            length = int.from_bytes(data[2:4], "big")
+        if opcode == 0x8:
+            return int.from_bytes(data[start : start + 2], "big")
+        data = data[start + length :]
+    return None
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        ([frame(0x1, b"x" * 600, fin=False), frame(0x0, b"x" * 600)], 1009),  # fragments adding up past 1 KiB
+        ([bytes([0x40]) + frame(0x1, b"hello")[1:]], 1002),  # a reserved bit, with no extension to mean it
+        ([frame(0x9, b"x" * 200)], 1002),  # a ping too long for a control frame
+        ([frame(0x3, b"reserved opcode")], 1002),
+        ([frame(0x8, (999).to_bytes(2, "big"))], "any"),  # a close code no one may send: Tornado (6.3-6.6) echoes it
+    ],
+)
+def test_malformed_frames_and_close_codes_get_the_protocols_close(server, frames, code):
+    connection, answer = raw_handshake(server)
+    try:
+        assert answer.startswith(b"HTTP/1.1 101")
+        for data in frames:
+            connection.sendall(data)
+        closed_with = read_close_code(connection)  # returns once the server has closed the connection
+        assert code == "any" or closed_with in (code, None)  # Tornado's close frame, or it hangs up on a broken peer
+    finally:
+        connection.close()
+    assert get(server, "/fast").status_code == 200
+
+
 # -- serve(), worker processes, --reload, shutdown, runtornado: real processes ------
 # A small project on disk, run with manage.py or python -m django_tornado.
 
@@ -1369,6 +1750,17 @@ source.addEventListener("reset", () => add("reset"));
 def news_page(request):
     return HttpResponse(NEWS_PAGE)
 
+from django_tornado import WebSocket
+
+class NewsSocket(WebSocket):
+    def open(self):
+        since = self.request.GET.get("since")
+        self.subscribe(news, since=int(since) if since else None)
+        self.send({"pid": os.getpid()})
+
+    def on_message(self, message):
+        self.send({"echo": message})
+
 def channel_readers():
     import django_tornado  # its internals: for the census only
     return sum(
@@ -1388,6 +1780,7 @@ def census(request, handler):
         "unclosed": tally["started"] - tally["finished"] - 1,  # this request is not finished yet
         "handlers": len(handler.bridge.active_handlers) - 1,
         "readers": channel_readers(),
+        "sockets": len(handler.bridge.sockets),
         "rss": rss,
         "pid": os.getpid(),
     })
@@ -1396,7 +1789,7 @@ urlpatterns = [
     path("state", state), path("slow", slow), path("park", park), path("echo", echo),
     path("hold", hold), path("endless/<kind>", endless), path("census", census),
     path("news/events", news_events), path("news/poll", news_poll), path("news/listen", news_listen),
-    path("news/publish", news_publish), path("news/page", news_page),
+    path("news/publish", news_publish), path("news/page", news_page), path("news/socket", NewsSocket.as_view()),
 ]
 """,
 }
@@ -2125,7 +2518,7 @@ def census_when_settled(url):
     deadline = time.monotonic() + 5
     while True:
         census = requests.get(url + "census", timeout=TIMEOUT).json()
-        if not any(census[key] for key in ("waiters", "generators", "unclosed", "handlers", "readers")):
+        if not any(census[key] for key in ("waiters", "generators", "unclosed", "handlers", "readers", "sockets")):
             return census
         assert time.monotonic() < deadline, f"not back to zero 5 s after the storm: {census}"
         time.sleep(0.1)
@@ -2487,6 +2880,98 @@ def test_an_event_source_in_a_real_browser_loses_nothing_across_a_server_restart
         finally:
             browser.close()
     print(f"event source screenshot: {tmp_path / 'event-source.png'}")
+
+
+def open_news_socket(base, query=""):
+    client = SocketClient(f"ws://127.0.0.1:{port_of(base)}/news/socket{query}")
+    assert "pid" in client.receive()
+    return client
+
+
+def test_sigterm_closes_every_websocket_with_1001_after_what_was_sent_and_exits_0(project):
+    with channel_server(project, "memory://", "127.0.0.1:0") as (server, base):
+        clients = [open_news_socket(base) for _ in range(3)]
+        wait_for(lambda: census_of(base)["sockets"] == 3)
+        event_id = publish_over_http(base, "last words")
+        started = time.monotonic()
+        assert server.stop() == 0
+        assert time.monotonic() - started < 5
+        for client in clients:
+            assert client.receive()["id"] == event_id  # what was queued went first
+            assert client.receive() is None
+            assert client.close_code == 1001
+            client.close()
+
+
+def test_with_redis_a_channel_event_reaches_sockets_in_two_processes(project, redis_url):
+    with channel_server(project, redis_url, "127.0.0.1:0") as (_, first), channel_server(project, redis_url, "127.0.0.1:0") as (_, second):
+        clients = [open_news_socket(base) for base in (first, second) for _ in range(2)]
+        wait_for(lambda: census_of(first)["sockets"] == census_of(second)["sockets"] == 2)
+        event_id = publish_over_http(second, "to every socket")
+        try:
+            for client in clients:
+                assert client.receive() == {"id": event_id, "data": {"text": "to every socket", "padding": ""}}
+        finally:
+            for client in clients:
+                client.close()
+
+
+async def vanishing_sockets(port, count):
+    """``count`` WebSockets that open, maybe begin a message, then vanish without a close frame."""
+    limit = asyncio.Semaphore(200)
+    handshake = (b"GET /news/socket HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+    async def client(number):
+        async with limit:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), TIMEOUT)
+            writer.write(handshake)
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+            if number % 3 == 1:
+                writer.write(frame(0x1, b"half a message that never ends")[:12])  # mid-message
+            elif number % 3 == 2:
+                writer.write(frame(0x1, b"x" * 100, fin=False))  # the first of fragments that never come
+            await writer.drain()
+            if number % 2:
+                writer.transport.abort()
+            else:
+                writer.close()
+
+    await asyncio.gather(*(client(number) for number in range(count)))
+
+
+def test_five_thousand_sockets_that_vanish_leave_nothing_behind_and_memory_flat(project):
+    with channel_server(project, "memory://", "127.0.0.1:0") as (server, base):
+        asyncio.run(vanishing_sockets(port_of(base), 5_000))
+        after_first = census_when_settled(base)
+        asyncio.run(vanishing_sockets(port_of(base), 5_000))
+        after_second = census_when_settled(base)
+        client = open_news_socket(base)  # and a new one works
+        client.close()
+        assert server.stop() == 0
+    assert after_second["rss"] - after_first["rss"] < 20 * 1024 * 1024
+    assert not any("Traceback" in line for line in server.output)
+
+
+def test_a_websocket_whose_client_stops_reading_is_closed_with_1008_at_its_bound_with_memory_flat(project):
+    with channel_server(project, "memory://", "127.0.0.1:0", environment={"TEST_BACKLOG": "5"}) as (server, base):
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.settimeout(TIMEOUT)
+        reader.connect(("127.0.0.1", port_of(base)))
+        reader.sendall(b"GET /news/socket HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        assert reader.recv(12) == b"HTTP/1.1 101"  # and then it reads no more
+        wait_for(lambda: census_of(base)["readers"] == 1)
+        rss_before = census_of(base)["rss"]
+        with requests.Session() as publisher:
+            for number in range(200):  # 20 MB to a socket that takes none of it
+                publisher.post(base + "news/publish", data={"text": str(number), "padding": "100000"}, timeout=TIMEOUT)
+        server.wait_for_line("unread; closing it with 1008")
+        assert census_of(base)["rss"] - rss_before < 8 * 1024 * 1024
+        wait_for(lambda: census_of(base)["sockets"] == 0, timeout=10)  # its close is not answered: dropped after 5 s
+        reader.close()
+        assert server.stop() == 0
 
 
 # -- chat_example.py: node_chat's room, run as a newcomer runs it ---------------------
