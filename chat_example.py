@@ -16,7 +16,9 @@ behind nginx) share one room.
 
 import argparse
 import asyncio
+import collections
 import functools
+import json
 import os
 import re
 import secrets
@@ -31,7 +33,7 @@ from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
 
 import django_tornado
-from django_tornado import Channel, asynchronous
+from django_tornado import Channel, WebSocket, asynchronous
 
 MESSAGE_BACKLOG = 200  # messages kept for clients that catch up with ?since=
 LONG_POLL_TIMEOUT = 30.0  # seconds before a quiet /recv answers with no messages, ahead of proxy timeouts
@@ -229,6 +231,8 @@ class Room:
 
     def tidy(self) -> None:
         """Part the users silent for SESSION_TIMEOUT (every worker tries; one wins each)."""
+        for session_id in list(sessions_with_sockets):  # a page with its socket open is there
+            self.sessions.poke(session_id)
         for session_id in self.sessions.silent(SESSION_TIMEOUT):
             nick = self.sessions.leave(session_id)
             if nick is not None:
@@ -297,7 +301,7 @@ def stats(parameters) -> dict:
 
 
 def poke_first(view):
-    """Check /recv's parameters and note its session alive before the view parks it.
+    """Check the ``since`` and ``id`` of /recv (or /socket), and note the session alive, before the view.
 
     A plain decorator outside ``@asynchronous`` runs like middleware, in a pool
     thread, so it may wait for Redis; the view itself runs on the IOLoop.
@@ -336,6 +340,60 @@ def recv(request, handler):
     quiet = handler.loop.call_later(LONG_POLL_TIMEOUT, answer, [])
     handler.add_disconnect_callback(forget)
     chat.query(answer, int(request.GET["since"]))  # cancelled by itself when this request ends; on shutdown, answered with none
+
+
+# -- The page's WebSocket: the same room, pushed -------------------------------------
+
+sessions_with_sockets: collections.Counter = collections.Counter()  # session id -> sockets open here: alive
+
+
+class ChatSocket(WebSocket):
+    """One page's socket: the room's messages are pushed to it, and it speaks for its session.
+
+    It sends node_chat's messages (and ``{"error": ...}``); it takes JSON:
+    ``{"id": I}`` to speak for the session I (from /join), ``{"text": T}`` to
+    say T. A Django view, so the origin of the page that opens it must be this
+    site's. A session with a socket open is alive, without long-polls.
+    """
+
+    session_id = ""
+
+    def open(self):
+        self.subscribe(chat, since=int(self.request.GET["since"]))
+
+    def on_event(self, event):
+        self.send(as_node_chat_message(event))
+
+    def on_message(self, message):
+        try:
+            said = json.loads(message)
+        except ValueError:
+            said = None
+        if not isinstance(said, dict):
+            self.send({"error": 'Send JSON: {"id": ...} or {"text": ...}.'})
+            return
+        try:
+            if "id" in said:
+                room.poke(str(said["id"]))
+                self.speak_for(str(said["id"]))
+            if "text" in said:
+                room.send(self.session_id, str(said["text"]))
+        except ChatError as error:
+            self.send({"error": str(error)})
+
+    def speak_for(self, session_id):
+        sessions_with_sockets[session_id] += 1
+        self.forget_session()
+        self.session_id = session_id
+
+    def forget_session(self):
+        if self.session_id:
+            sessions_with_sockets[self.session_id] -= 1
+            if sessions_with_sockets[self.session_id] <= 0:
+                del sessions_with_sockets[self.session_id]
+
+    def on_close(self):
+        self.forget_session()
 
 
 # -- The page ------------------------------------------------------------------------
@@ -377,6 +435,7 @@ PAGE_HTML = """<!DOCTYPE html>
       <li><button id="users-toggle" type="button"><span id="usercount">0</span> users</button></li>
       <li>up <span id="uptime">-</span></li>
       <li><span id="rss">-</span> MB</li>
+      <li id="transport">connecting</li>
     </ul>
   </div>
   <ul id="users" hidden></ul>
@@ -494,7 +553,53 @@ function handle(message) {
   }
 }
 
+// One WebSocket where the browser and the network allow it; node_chat's long-poll otherwise.
+let socket = null;
+
+function connectSocket(failures = 0) {
+  if (!("WebSocket" in window)) return longPoll();
+  const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/socket?since=${CONFIG.since}`;
+  const candidate = new WebSocket(url);
+  let opened = false;
+  candidate.onopen = () => {
+    opened = true;
+    socket = candidate;
+    $("transport").textContent = "WebSocket";
+    if (CONFIG.id) socket.send(JSON.stringify({ id: CONFIG.id }));
+    who();
+  };
+  candidate.onmessage = (message) => {
+    const data = JSON.parse(message.data);
+    if (data.error) {
+      addMessage("", data.error, Date.now(), "error");
+      return;
+    }
+    handle(data);
+    showUsers();
+    updateTitle();
+  };
+  candidate.onclose = () => {
+    socket = null;
+    if (!opened) {
+      longPoll();  // it never opened: a proxy or the browser won't have it
+      return;
+    }
+    const delay = Math.min(30000, 500 * 2 ** failures);
+    $("transport").textContent = "reconnecting";
+    setTimeout(() => connectSocket(failures + 1), delay);
+  };
+}
+
+function say(text) {
+  if (socket) {
+    socket.send(JSON.stringify({ text }));
+    return Promise.resolve();
+  }
+  return api("/send", { id: CONFIG.id, text }, "POST");
+}
+
 async function longPoll() {
+  $("transport").textContent = "long-poll";
   let failures = 0;
   let first = true;
   for (;;) {
@@ -546,6 +651,7 @@ $("connect").addEventListener("submit", async (event) => {
     CONFIG.nick = session.nick;
     CONFIG.id = session.id;
     CONFIG.starttime = session.starttime;
+    if (socket) socket.send(JSON.stringify({ id: CONFIG.id }));
     updateUptime();
     showChat();
   } catch (error) {
@@ -559,7 +665,7 @@ $("entry").addEventListener("submit", async (event) => {
   if (!text.trim()) return;
   $("text").value = "";
   try {
-    await api("/send", { id: CONFIG.id, text }, "POST");
+    await say(text);
   } catch (error) {
     addMessage("", `Not sent: ${error.message}`, Date.now(), "error");
   }
@@ -572,7 +678,7 @@ window.addEventListener("pagehide", () => {
   if (CONFIG.id) navigator.sendBeacon("/part", new URLSearchParams({ id: CONFIG.id }));
 });
 setInterval(updateUptime, 10000);
-longPoll();
+connectSocket();
 """
 
 urlpatterns = [
@@ -584,6 +690,7 @@ urlpatterns = [
     path("send", send),
     path("who", who),
     path("recv", recv),
+    path("socket", poke_first(ChatSocket.as_view())),
     path("stats", stats),
 ]
 

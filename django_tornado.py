@@ -7,7 +7,7 @@ handler as an extra argument and may answer later, and an ``async def`` view
 runs on the IOLoop and can ``await`` anything asyncio or Tornado offers::
 
     from django.http import JsonResponse
-    from django_tornado import Channel, EventStream, asynchronous, serve
+    from django_tornado import Channel, EventStream, WebSocket, asynchronous, serve
 
     def hello(request):                      # a plain view: runs in the pool
         return JsonResponse({"hello": request.GET.get("name", "world")})
@@ -27,6 +27,10 @@ runs on the IOLoop and can ``await`` anything asyncio or Tornado offers::
     def live(request):                       # Server-Sent Events, replaying what a client missed
         return EventStream(news, request)
 
+    class Feed(WebSocket):                   # a WebSocket that is a Django view: path("ws/", Feed.as_view())
+        def open(self):                      # self.request is the handshake's (user, session, ...)
+            self.subscribe(news)
+
     # Tornado routes first, Django for the rest; one process on both ports:
     serve(["8000", "8001"], handlers=[(r"/ws", MyWebSocketHandler)])
 
@@ -43,7 +47,9 @@ through ``handler.async_callback``). With ``threads=0`` everything runs on the
 IOLoop thread, as the original django_tornado did. ``Channel.publish`` is safe
 from any thread; channel readers (``query`` callbacks, event streams,
 ``listen()``) run on the IOLoop. Channels live in this process's memory, or in
-Redis with ``settings.TORNADO_CHANNELS_URL``.
+Redis with ``settings.TORNADO_CHANNELS_URL``. A WebSocket's plain methods run in
+the pool, one at a time per socket; its ``async def`` ones and ``on_event`` run
+on the IOLoop.
 
 Not supported: HTTP/2, and response middleware that rewrites the late body of
 an ``@asynchronous`` view (GZip, ETags): middleware sees a placeholder, and only

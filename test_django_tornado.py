@@ -3188,6 +3188,32 @@ def test_chat_rooms_in_redis_are_one_room_across_processes(redis_url):
         assert chat_get(b, "recv", since=message["timestamp"]).json()["messages"][0]["text"] == "still here"
 
 
+def test_chat_socket_speaks_for_a_joined_session_and_refuses_other_sites(chat):
+    first, second = chat
+    since = now_stamp()
+    listener = SocketClient(f"ws://127.0.0.1:{port_of(second)}/socket?since={since}")
+    speaker = SocketClient(f"ws://127.0.0.1:{port_of(first)}/socket?since={since}")
+    try:
+        speaker.send(json.dumps({"text": "anonymous"}))
+        assert speaker.receive() == {"error": "No such session id."}
+        speaker.send("not json")
+        assert "Send JSON" in speaker.receive()["error"]
+        session = join(first, "socketeer")
+        speaker.send(json.dumps({"id": session["id"]}))
+        speaker.send(json.dumps({"text": "over the socket"}))
+        heard = [listener.receive() for _ in range(2)]  # on the other port: the same room
+        assert [(message["type"], message["nick"], message["text"]) for message in heard] == [
+            ("join", "socketeer", None), ("msg", "socketeer", "over the socket"),
+        ]
+        long_polled = chat_get(first, "recv", since=since).json()["messages"]  # node_chat's clients hear it too
+        assert [message["text"] for message in long_polled if message["type"] == "msg"] == ["over the socket"]
+    finally:
+        listener.close()
+        speaker.close()
+    assert handshake_refusal(f"ws://127.0.0.1:{port_of(first)}/socket?since=1", headers={"Origin": "http://evil.example"}) == 403
+    assert handshake_refusal(f"ws://127.0.0.1:{port_of(first)}/socket?since=1&id=nobody") == 400
+
+
 def test_chat_page_in_a_real_browser(chat, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -3197,14 +3223,18 @@ def test_chat_page_in_a_real_browser(chat, tmp_path):
         browser = playwright.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=CHROMIUM_ARGUMENTS)
         try:
             pages = []
-            for base, nick in ((first, "alice"), (second, "bob")):
+            # Alice's page talks over a WebSocket; Bob's browser has none, so his long-polls (node_chat's API).
+            for base, nick, transport in ((first, "alice", "WebSocket"), (second, "bob", "long-poll")):
                 page = browser.new_page(viewport={"width": 900, "height": 520})
                 page.set_default_timeout(TIMEOUT * 1000)
                 page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+                if transport == "long-poll":
+                    page.add_init_script("delete window.WebSocket")
                 page.goto(base)
                 page.fill("#nick", nick)
                 page.click("#join")
                 page.wait_for_selector("#toolbar:not([hidden])")
+                page.wait_for_selector(f"#transport >> text={transport}")
                 pages.append(page)
             alice, bob = pages
             alice.fill("#text", "hello bob")
