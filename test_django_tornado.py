@@ -1669,7 +1669,7 @@ def echo(request):
     })
 
 # For the disconnect storms: every waiter, generator and Django request in flight is counted.
-import asyncio, threading
+import asyncio, gc, threading
 from django.core.signals import request_finished, request_started
 from django.http import StreamingHttpResponse
 
@@ -1782,6 +1782,7 @@ def census(request, handler):
         "readers": channel_readers(),
         "sockets": len(handler.bridge.sockets),
         "rss": rss,
+        "gc": {"first_generation": gc.get_threshold()[0], "frozen": gc.get_freeze_count()},
         "pid": os.getpid(),
     })
 
@@ -1910,6 +1911,15 @@ def running(project, *args, **kwargs):
 
 def runtornado(*args):
     return ("manage.py", "runtornado", "--skip-checks", *args)
+
+
+def test_the_server_keeps_full_garbage_collections_rare_for_its_parked_connections(project):
+    with running(project, *runtornado("127.0.0.1:0")) as server:
+        (url,) = server.wait_for_banner()
+        collector = requests.get(url + "census", timeout=TIMEOUT).json()["gc"]
+        assert server.stop() == 0
+    assert collector["first_generation"] == 10_000
+    assert collector["frozen"] > 10_000  # Django and the project, loaded at start, are left out of collections
 
 
 def test_two_ports_of_one_call_share_one_process_and_its_state(project):
