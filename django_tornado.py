@@ -127,6 +127,7 @@ from django.http import (
     HttpRequest,
     HttpResponse,
     HttpResponseBase,
+    QueryDict,
     StreamingHttpResponse,
 )
 from django.http.request import split_domain_port, validate_host
@@ -308,6 +309,7 @@ class _DjangoBridge:
         self.active_handlers: set[DjangoHandler] = set()  # requests in progress, for a graceful shutdown
         self.deferred_handlers: set[DjangoHandler] = set()  # those parked until the view answers
         self.sockets: set[WebSocket] = set()  # open WebSockets
+        self._tasks: set[asyncio.Task[Any]] = set()  # spawned, running
         self._sockets_by_session: dict[str, set[WebSocket]] = {}  # by their session's hash, for logouts
         self._logouts: _Reader | None = None
         self.stopping = False
@@ -405,6 +407,17 @@ class _DjangoBridge:
             return sync_to_async(response.close)()
         return self.run_blocking(self.executor, response.close)
 
+    def spawn(self, coroutine: Awaitable[Any]) -> None:
+        """Run ``coroutine`` on the IOLoop with nobody awaiting it; its failure is logged."""
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _logger.error("A task the IOLoop ran for a request failed", exc_info=task.exception())
+
     def handler_finished(self, handler: DjangoHandler) -> None:
         """Note that ``handler``'s response has been written out (or a WebSocket has the connection)."""
         self.active_handlers.discard(handler)
@@ -501,6 +514,28 @@ class DjangoHandler(tornado.web.RequestHandler):
     ``async_callback`` and ``add_disconnect_callback``.
     """
 
+    # Slots keep these out of the instance's dict (Tornado's own attributes fill it):
+    # a parked request's size counts, thousands at a time.
+    __slots__ = (
+        "_body",
+        "_client_left",
+        "_disconnect_callbacks",
+        "_expiry",
+        "_finish_waiting",
+        "_finishing",
+        "_headers_sent",
+        "_headers_set_meanwhile",
+        "_loop_thread",
+        "_over_callbacks",
+        "_parked",
+        "_state",
+        "_task",
+        "_waiting_for_django",
+        "_wrote_lately",
+        "bridge",
+        "loop",
+    )
+
     def initialize(self, bridge: _DjangoBridge) -> None:
         self.bridge = bridge
         self.loop = tornado.ioloop.IOLoop.current()
@@ -509,14 +544,16 @@ class DjangoHandler(tornado.web.RequestHandler):
         self._loop_thread = threading.get_ident()
         self._state = _RECEIVING
         self._body: io.IOBase = io.BytesIO()
-        self._waiting_for_django: list[Callable[[], None]] = []  # flush/finish asked for while Django runs
+        # Made when first needed (most requests need none of them):
+        self._waiting_for_django: list[Callable[[], None]] | None = None  # flush/finish asked for while Django runs
+        self._headers_set_meanwhile: set[str] | None = None
+        self._disconnect_callbacks: list[Callable[[], None]] | None = None
+        self._over_callbacks: list[Callable[[], None]] | None = None  # run when the request is over, however it ends
         self._finish_waiting: asyncio.Future[None] | None = None
-        self._headers_set_meanwhile: set[str] = set()
-        self._disconnect_callbacks: list[Callable[[], None]] = []
-        self._over_callbacks: list[Callable[[], None]] = []  # run when the request is over, however it ends
-        self._over: asyncio.Future[None] | None = None  # a deferred request or an event stream waits for it
+        self._parked = False  # get() has returned, the answer comes later (see _park)
+        self._finishing = False
         self._task: asyncio.Task[Any] | None = None  # Django work on the IOLoop the client leaving cancels
-        self._expiry: object | None = None
+        self._expiry: object | None = None  # the deferred request's timeout, or the event stream's keepalive
         self._headers_sent = False
         self._client_left = False  # before any of the answer went out (the access log's 499)
         self._wrote_lately = False  # an event stream wrote since its last keepalive tick
@@ -533,20 +570,19 @@ class DjangoHandler(tornado.web.RequestHandler):
             raise RuntimeError(f"{self.request.method} {self.request.uri}: a request can't go from {self._state} to {state}")
         self._state = state
         if state is _ABANDONED:
-            callbacks, self._disconnect_callbacks = self._disconnect_callbacks, []
+            callbacks, self._disconnect_callbacks = self._disconnect_callbacks or (), None
             for callback in callbacks:
                 try:
                     callback()
                 except Exception:
                     _logger.exception("Error in disconnect callback for %s %s", self.request.method, self.request.uri)
         elif state in _OVER:
-            self._disconnect_callbacks = []
+            self._disconnect_callbacks = None
             if self._expiry is not None:
                 self.loop.remove_timeout(self._expiry)
                 self._expiry = None
-            if self._over is not None and not self._over.done():
-                self._over.set_result(None)
-            callbacks, self._over_callbacks = self._over_callbacks, []
+            self.bridge.deferred_handlers.discard(self)
+            callbacks, self._over_callbacks = self._over_callbacks or (), None
             for callback in callbacks:
                 callback()
         return True
@@ -599,7 +635,7 @@ class DjangoHandler(tornado.web.RequestHandler):
             timeout, parks = response.timeout, self._take_placeholder(response)
             del response  # a parked request keeps nothing of Django's response: memory per waiter counts
             if parks:
-                await self._answer_later(timeout)
+                self._answer_later(timeout)
         else:
             await self._write_response(response)
 
@@ -637,7 +673,7 @@ class DjangoHandler(tornado.web.RequestHandler):
             # Middleware replaced the view's placeholder (an error in process_response,
             # say): the view's answer will never go out, so let it drop its waiter.
             _logger.warning("%s %s: middleware replaced the placeholder of an @asynchronous view", self.request.method, self.request.uri)
-            self._waiting_for_django = []
+            self._waiting_for_django = None
             self._move_to(_ABANDONED)
         self._move_to(_RESPONDING)
         self.set_status(response.status_code, response.reason_phrase)
@@ -653,7 +689,7 @@ class DjangoHandler(tornado.web.RequestHandler):
             if response.streaming:
                 await self.bridge.close_response(response)
         elif isinstance(response, EventStream):
-            await self._stream_events(response)
+            self._stream_events(response)
         elif response.streaming:
             await self._stream(response)
         else:
@@ -690,43 +726,44 @@ class DjangoHandler(tornado.web.RequestHandler):
         if not self.request.connection.stream.closed():
             self.finish()
 
-    async def _stream_events(self, stream: EventStream) -> None:
+    def _stream_events(self, stream: EventStream) -> None:
         """Write a channel's events as the hub hands them over, until the client leaves or the server stops.
 
-        No thread, task or generator waits per client: the channel's reader
+        Nothing waits per client, not even a coroutine: the channel's reader
         writes to the connection, whose write buffer is bounded, so a client that
         stops reading is closed rather than left to grow the server's memory.
         """
         self.clear_header("Content-Encoding")  # the events go out as written, whatever GZipMiddleware said
+        _forget_the_urls_tried(stream.request)
         self.request.connection.stream.max_write_buffer_size = _EVENT_STREAM_MAX_QUEUED
-        self._over = self.loop.asyncio_loop.create_future()
         self._send_frame(f"retry: {round(stream.retry * 1000)}\n\n".encode())
+        self.clear()  # the headers are written: the stream need not keep them (a list per header)
         reader = _Reader(stream.channel, stream.since, self._send_events, self._end_stream)
-        keepalive = tornado.ioloop.PeriodicCallback(self._keep_alive, stream.keepalive * 1000)
-        if self.request.method != "HEAD":
-            reader.start()
-            keepalive.start()
-        else:
-            self._end_stream()
-        try:
-            await self._over
-        finally:
+
+        def stop() -> None:  # the keepalive timer stops with the request (it is its _expiry)
             reader.cancel()
-            keepalive.stop()
-            await self.bridge.close_response(stream)
-        if not self.request.connection.stream.closed():
-            self.finish()
+            self.bridge.spawn(self.bridge.close_response(stream))  # request_finished, in the pool
+
+        self._park()
+        self._when_over(stop)
+        if self.request.method == "HEAD":
+            self._end_stream()
+        else:
+            reader.start()
+            self._expiry = self.loop.call_later(stream.keepalive, self._keep_alive, stream.keepalive)
 
     def _send_events(self, events: list[_Event]) -> None:
         self._send_frame(b"".join(event.sse_frame() for event in events))
 
-    def _keep_alive(self) -> None:
+    def _keep_alive(self, every: float) -> None:
         if not self._wrote_lately:
             self._send_frame(b":\n\n")  # a comment: proxies see the stream is alive
         self._wrote_lately = False
+        if self._state is _RESPONDING:
+            self._expiry = self.loop.call_later(every, self._keep_alive, every)
 
     def _send_frame(self, frame: bytes) -> None:
-        if self._over.done():
+        if self._state is not _RESPONDING:
             return
         self._wrote_lately = True
         self.write(frame)
@@ -741,8 +778,8 @@ class DjangoHandler(tornado.web.RequestHandler):
 
     def _end_stream(self) -> None:
         """The server stops: the stream ends with its final chunk, and the browser reconnects (elsewhere)."""
-        if not self._over.done():
-            self._over.set_result(None)
+        if self._state is _RESPONDING:
+            self.finish()
 
     async def _write_async_chunks(self, response: HttpResponseBase) -> None:
         async with contextlib.aclosing(aiter(response)) as chunks:
@@ -778,30 +815,37 @@ class DjangoHandler(tornado.web.RequestHandler):
         """Put the headers middleware set on the placeholder on the late answer; False if it is over already."""
         for name, value in _response_headers(placeholder):
             lower_name = name.lower()
-            if lower_name in _PLACEHOLDER_ONLY_HEADERS or lower_name in self._headers_set_meanwhile:
+            if lower_name in _PLACEHOLDER_ONLY_HEADERS or lower_name in (self._headers_set_meanwhile or ()):
                 continue  # the view's own choice wins
             if name == "Set-Cookie":
                 super().add_header(name, value)
             else:
                 super().set_header(name, value)
         self._move_to(_DEFERRED)
-        waiting, self._waiting_for_django = self._waiting_for_django, []
+        waiting, self._waiting_for_django = self._waiting_for_django or (), None
         for operation in waiting:
             operation()
         if self._state is _DEFERRED and self.bridge.stopping:
             self.answer_for_shutdown()
         return self._state is _DEFERRED
 
-    async def _answer_later(self, timeout: float | None) -> None:
+    def _answer_later(self, timeout: float | None) -> None:
         """Keep the connection open until the view calls ``finish()``, the client leaves or time runs out."""
-        self._over = self.loop.asyncio_loop.create_future()
+        self._park()
         self.bridge.deferred_handlers.add(self)
         if timeout is not None:
             self._expiry = self.loop.call_later(timeout, self._expire, timeout)
-        try:
-            await self._over
-        finally:
-            self.bridge.deferred_handlers.discard(self)
+
+    def _park(self) -> None:
+        """Let get() return while the request stays open: a parked request holds no coroutine.
+
+        Tornado's RequestHandler._execute finishes a request once get() returns
+        unless _auto_finish is off (Tornado 6.3-6.6: its own switch for handlers
+        that finish later). What it would have done for a client that left, the
+        handler does in on_connection_close.
+        """
+        self._parked = True
+        self._auto_finish = False
 
     def _expire(self, timeout: float) -> None:
         """End a deferred request whose view did not answer in time with 504."""
@@ -828,7 +872,7 @@ class DjangoHandler(tornado.web.RequestHandler):
             except Exception:
                 _logger.exception("Error in callback for %s %s", self.request.method, self.request.uri)
                 if self._state in _DJANGO_RUNNING:  # the 500 waits for middleware, as an answer would
-                    self._waiting_for_django.append(lambda: self._fail(500))
+                    self._wait_for_django(lambda: self._fail(500))
                 else:
                     self._fail(500)
 
@@ -870,6 +914,7 @@ class DjangoHandler(tornado.web.RequestHandler):
         if self._state in (_ABANDONED, _GONE):
             self.loop.add_callback(callback)
         elif self._state not in _OVER:
+            self._disconnect_callbacks = self._disconnect_callbacks or []
             self._disconnect_callbacks.append(callback)
 
     def _when_over(self, callback: Callable[[], None]) -> None:
@@ -879,6 +924,7 @@ class DjangoHandler(tornado.web.RequestHandler):
         elif self._state in _OVER:
             callback()
         else:
+            self._over_callbacks = self._over_callbacks or []
             self._over_callbacks.append(callback)
 
     def on_connection_close(self) -> None:
@@ -891,6 +937,8 @@ class DjangoHandler(tornado.web.RequestHandler):
         if self._state in (_RECEIVING, _IN_DJANGO, _PROMISED, _DEFERRED):
             self._move_to(_ABANDONED)
         self._move_to(_GONE)
+        if self._parked and not self._finishing:
+            self.finish()  # its access-log line, and the end of its accounting
 
     def on_finish(self) -> None:
         self._move_to(_ANSWERED)
@@ -939,6 +987,7 @@ class DjangoHandler(tornado.web.RequestHandler):
             if self._finish_waiting is None:  # send_error() may ask twice; finish once
                 self._finish_waiting = self._after_django(lambda: self.finish(chunk))
             return self._finish_waiting
+        self._finishing = True
         written = super().finish(chunk)
         written.add_done_callback(self._response_written)
         return written
@@ -950,19 +999,22 @@ class DjangoHandler(tornado.web.RequestHandler):
         self.bridge.handler_finished(self)
 
     def set_header(self, name: str, value: Any) -> None:
-        if self._state in _DJANGO_RUNNING:
-            self._headers_set_meanwhile.add(name.lower())
+        self._note_header(name)
         super().set_header(name, value)
 
     def add_header(self, name: str, value: Any) -> None:
-        if self._state in _DJANGO_RUNNING:
-            self._headers_set_meanwhile.add(name.lower())
+        self._note_header(name)
         super().add_header(name, value)
 
     def clear_header(self, name: str) -> None:
-        if self._state in _DJANGO_RUNNING:
-            self._headers_set_meanwhile.add(name.lower())
+        self._note_header(name)
         super().clear_header(name)
+
+    def _note_header(self, name: str) -> None:
+        """A header the view set while Django still runs wins over the placeholder's."""
+        if self._state in _DJANGO_RUNNING:
+            self._headers_set_meanwhile = self._headers_set_meanwhile or set()
+            self._headers_set_meanwhile.add(name.lower())
 
     def _after_django(self, operation: Callable[[], asyncio.Future[None]]) -> asyncio.Future[None]:
         result = self.loop.asyncio_loop.create_future()
@@ -973,8 +1025,12 @@ class DjangoHandler(tornado.web.RequestHandler):
             except Exception as error:  # noqa: BLE001 (handed to whoever awaits the result)
                 result.set_exception(error)
 
-        self._waiting_for_django.append(run)
+        self._wait_for_django(run)
         return result
+
+    def _wait_for_django(self, operation: Callable[[], Any]) -> None:
+        self._waiting_for_django = self._waiting_for_django or []
+        self._waiting_for_django.append(operation)
 
 
 # -- The asynchronous decorator ------------------------------------------------
@@ -1813,7 +1869,9 @@ class EventStream(StreamingHttpResponse):
         # Bad requests get a plain answer instead of a stream, which only __new__ can give.
         if _HANDLER_ENVIRON_KEY not in request.META:
             return _plain_response(501, "an EventStream needs django_tornado (runtornado, serve or make_app) to serve it")
-        last_event_id, since = request.headers.get("Last-Event-ID"), request.GET.get("since")
+        # From META: request.headers and request.GET would be copies, kept as long as the stream.
+        last_event_id, query = request.META.get("HTTP_LAST_EVENT_ID"), request.META.get("QUERY_STRING", "")
+        since = QueryDict(query).get("since") if "since" in query else None
         try:
             if last_event_id:  # what the browser saw last wins over the URL it first opened
                 since = _parse_event_id(last_event_id, "Last-Event-ID")
@@ -1822,7 +1880,7 @@ class EventStream(StreamingHttpResponse):
         except ValueError as error:
             return _plain_response(400, str(error))
         stream = super().__new__(cls)
-        stream.since = since
+        stream.since, stream.request = since, request
         return stream
 
     def __init__(self, channel: Channel, request: HttpRequest, *, keepalive: float = 15.0, retry: float = 2.0) -> None:
@@ -1988,10 +2046,8 @@ class WebSocket:
         self._readers: dict[str, _Reader] = {}
         self._turn: asyncio.Future[None] | None = None  # the endpoint's method running now, or last
         self._closed = False
-        # The request lives as long as the socket: it keeps nothing only the handshake needed.
         self.request.META.pop(_HANDLER_ENVIRON_KEY)  # the DjangoHandler is done
-        if getattr(self.request, "resolver_match", None) is not None:
-            self.request.resolver_match.tried = []  # Django keeps every URL pattern tried before the match
+        _forget_the_urls_tried(self.request)
         self._stream = handler.request.connection.stream
         self._stream.max_write_buffer_size = self.max_queued_bytes  # a client that doesn't read can't grow memory
         self._protocol = _SocketHandler(handler.application, handler.request, websocket=self)
@@ -2071,6 +2127,12 @@ class WebSocket:
             reader.cancel()
         self._readers.clear()
         self._run(self.on_close).add_done_callback(lambda _: self._bridge.socket_closed(self))
+
+
+def _forget_the_urls_tried(request: HttpRequest) -> None:
+    """Drop the list of every URL pattern Django tried before the match, from a request kept for long."""
+    if getattr(request, "resolver_match", None) is not None:
+        request.resolver_match.tried = []
 
 
 def _nothing() -> None:
