@@ -103,17 +103,14 @@ import tornado.netutil
 import tornado.util
 import tornado.web
 import tornado.websocket
-from asgiref.sync import ThreadSensitiveContext, iscoroutinefunction, sync_to_async
+from asgiref.sync import SyncToAsync, iscoroutinefunction
 from django.apps import apps
 from django.conf import ENVIRONMENT_VARIABLE, settings
 from django.core import signals
 from django.core.exceptions import DisallowedHost, ImproperlyConfigured
-from django.core.handlers.base import BaseHandler
 from django.core.handlers.wsgi import (
     WSGIHandler,
-    WSGIRequest,
     get_path_info,
-    get_script_name,
 )
 from django.core.management.base import (
     BaseCommand,
@@ -131,7 +128,7 @@ from django.http import (
     StreamingHttpResponse,
 )
 from django.http.request import split_domain_port, validate_host
-from django.urls import Resolver404, get_resolver, set_script_prefix
+from django.urls import Resolver404, get_resolver
 from django.utils.cache import add_never_cache_headers
 from django.utils.http import is_same_domain
 from django.utils.module_loading import import_string
@@ -149,6 +146,9 @@ _DEFAULT_THREADS = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's ow
 # Threads for the synchronous part (middleware) of @asynchronous views, so
 # long-polls keep being accepted while slow plain views fill the main pool.
 _RESERVED_THREADS = 4
+# Threads in which the middleware around async def views waits while their coroutines
+# run on the IOLoop: a waiting thread costs memory, not CPU, so there may be many.
+_WAITING_THREADS = 1000
 _HANDLER_ENVIRON_KEY = "tornado.handler"  # PEP 3333 lets servers add keys of their own
 
 _FILE_BLOCK_SIZE = 64 * 1024  # FileResponse reads 4 KiB by default; Django's ASGI handler raises it too
@@ -158,7 +158,7 @@ _CALLS_PER_TURN = 100  # async_callback calls from other threads run per IOLoop 
 # How a request's view runs, decided once per path (see _DjangoBridge.route).
 _PLAIN = "plain"  # whole Django cycle in the main pool
 _DEFERRING = "asynchronous"  # middleware in the reserved pool, view body on the IOLoop
-_COROUTINE = "async def"  # Django's async cycle on the IOLoop
+_COROUTINE = "async def"  # Django's sync cycle in the waiting pool, the view's coroutine on the IOLoop
 
 _END = object()  # sentinel for next() on a streaming iterator
 _BODYLESS_STATUS_CODES = frozenset((*range(100, 200), 204, 304))  # RFC 9110 section 6.4.1
@@ -306,6 +306,7 @@ class _DjangoBridge:
         self.loop: asyncio.AbstractEventLoop | None = None  # the IOLoop serving, known from the first request
         self.executor = self._pool(threads, "django")
         self.reserved_executor = self._pool(min(threads, _RESERVED_THREADS), "django-asynchronous")
+        self.waiting_executor = self._pool(_WAITING_THREADS, "django-async")
         self.active_handlers: set[DjangoHandler] = set()  # requests in progress, for a graceful shutdown
         self.deferred_handlers: set[DjangoHandler] = set()  # those parked until the view answers
         self.sockets: set[WebSocket] = set()  # open WebSockets
@@ -314,24 +315,25 @@ class _DjangoBridge:
         self._logouts: _Reader | None = None
         self.stopping = False
         self._idle: asyncio.Future[None] | None = None
-        self._async_handler: BaseHandler | None = None
         self._resolver = None
         self._routes: dict[str, str] = {}
 
     def _pool(self, threads: int, name: str) -> concurrent.futures.ThreadPoolExecutor | None:
-        """A pool of ``threads`` threads that know their IOLoop (a channel read there reads on it); None for 0."""
+        """A pool of ``threads`` threads that know their IOLoop (see _know_loop); None for 0 threads."""
         return concurrent.futures.ThreadPoolExecutor(threads, name, initializer=self._know_loop) if threads else None
 
     def _know_loop(self) -> None:
-        _thread_state.loop = self.loop  # a pool thread starts at its first task, from the IOLoop
+        """Tell a new pool thread its IOLoop (it starts at its first task, sent from the IOLoop).
 
-    @property
-    def async_handler(self) -> BaseHandler:
-        """Django's middleware chain in async mode, built the first time an ``async def`` view is served."""
-        if self._async_handler is None:
-            self._async_handler = BaseHandler()
-            self._async_handler.load_middleware(is_async=True)
-        return self._async_handler
+        A channel read in the thread reads on it. And asgiref's async_to_sync,
+        which Django's handler wraps an async def view (or async-only
+        middleware) in, runs the coroutine on the event loop SyncToAsync left in
+        this thread-local (asgiref 3.6-3.11) instead of on a new loop per call,
+        while sync_to_async calls inside it come back to this thread.
+        """
+        _thread_state.loop = self.loop
+        SyncToAsync.threadlocal.main_event_loop = self.loop
+        SyncToAsync.threadlocal.main_event_loop_pid = os.getpid()
 
     def route(self, environ: dict[str, Any]) -> str:
         """Return how the view for this request runs: _PLAIN, _DEFERRING or _COROUTINE.
@@ -376,24 +378,23 @@ class _DjangoBridge:
             response.close()
         return response
 
-    async def get_response_async(self, environ: dict[str, Any]) -> HttpResponseBase:
-        """Run Django's async cycle on the IOLoop, as Django's ASGIHandler does.
+    def get_response_awaiting(self, environ: dict[str, Any], view_tasks: _ViewTasks) -> HttpResponseBase | None:
+        """Run Django's WSGI cycle around an ``async def`` view, whose coroutine runs on the IOLoop.
 
-        Cancelled (the client left), it still sends ``request_finished`` once
-        ``request_started`` has gone out, so that database connections are tidied.
+        As under any WSGI server: middleware, signals and the database run in
+        this thread, and Django's async_to_sync awaits the view, here on the
+        IOLoop (see _know_loop). The view's task is put in ``view_tasks`` (asgiref
+        3.8+), for the client leaving to cancel; then None is returned, once
+        ``request_finished`` has closed what ``request_started`` opened.
         """
-        set_script_prefix(get_script_name(environ))
-        started = asyncio.ensure_future(sync_to_async(signals.request_started.send)(sender=WSGIHandler, environ=environ))
+        SyncToAsync.threadlocal.task_context = view_tasks
         try:
-            await asyncio.shield(started)  # once begun, its thread runs it to the end anyway
-            response = await self.async_handler.get_response_async(WSGIRequest(environ))
+            return self.get_response(environ)
         except asyncio.CancelledError:
-            await started
-            await sync_to_async(signals.request_finished.send)(sender=WSGIHandler)
-            raise
-        if not response.streaming:
-            await sync_to_async(response.close)()
-        return response
+            signals.request_finished.send(sender=WSGIHandler)
+            return None
+        finally:
+            SyncToAsync.threadlocal.task_context = None
 
     async def run_blocking(self, executor: concurrent.futures.Executor | None, function: Callable[..., Any], *args: Any) -> Any:
         """Run blocking Django code in ``executor``, or right here when there is no pool."""
@@ -403,8 +404,6 @@ class _DjangoBridge:
 
     def close_response(self, response: HttpResponseBase) -> Awaitable[None]:
         """Close a finished streaming response (sends ``request_finished``) off the IOLoop."""
-        if getattr(response, "is_async", False):
-            return sync_to_async(response.close)()
         return self.run_blocking(self.executor, response.close)
 
     def spawn(self, coroutine: Awaitable[Any]) -> None:
@@ -470,9 +469,29 @@ class _DjangoBridge:
 
     def shutdown(self, *, wait: bool = True) -> None:
         """Stop the pools; with ``wait``, once the requests in them are done."""
-        for executor in (self.executor, self.reserved_executor):
+        for executor in (self.executor, self.reserved_executor, self.waiting_executor):
             if executor is not None:
                 executor.shutdown(wait=wait, cancel_futures=not wait)
+
+
+class _ViewTasks(list):
+    """Where asgiref's async_to_sync puts the task of an async def view it runs: a task list that cancels.
+
+    Cancelled first (the client left before the view began), it cancels the
+    task as soon as asgiref puts it in.
+    """
+
+    cancelled = False
+
+    def append(self, task: asyncio.Task[Any]) -> None:
+        super().append(task)
+        if self.cancelled:
+            task.cancel()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        for task in self:
+            task.cancel()
 
 
 def _ignore_start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
@@ -530,6 +549,7 @@ class DjangoHandler(tornado.web.RequestHandler):
         "_parked",
         "_state",
         "_task",
+        "_view_tasks",
         "_waiting_for_django",
         "_wrote_lately",
         "bridge",
@@ -552,7 +572,8 @@ class DjangoHandler(tornado.web.RequestHandler):
         self._finish_waiting: asyncio.Future[None] | None = None
         self._parked = False  # get() has returned, the answer comes later (see _park)
         self._finishing = False
-        self._task: asyncio.Task[Any] | None = None  # Django work on the IOLoop the client leaving cancels
+        self._task: asyncio.Task[Any] | None = None  # an async iterator streaming, which the client leaving cancels
+        self._view_tasks: _ViewTasks | None = None  # an async def view's coroutine, likewise
         self._expiry: object | None = None  # the deferred request's timeout, or the event stream's keepalive
         self._headers_sent = False
         self._client_left = False  # before any of the answer went out (the access log's 499)
@@ -648,10 +669,10 @@ class DjangoHandler(tornado.web.RequestHandler):
         kind = bridge.route(environ)
         try:
             if kind is _COROUTINE:
-                # As in Django's ASGIHandler: sync code this request calls through
-                # sync_to_async shares one thread of its own.
-                async with ThreadSensitiveContext():
-                    return await self._cancel_on_disconnect(bridge.get_response_async(environ))
+                self._view_tasks = _ViewTasks()
+                if self._state in _OVER:  # the client is gone already
+                    self._view_tasks.cancel()
+                return await bridge.run_blocking(bridge.waiting_executor, bridge.get_response_awaiting, environ, self._view_tasks)
             executor = bridge.reserved_executor if kind is _DEFERRING else bridge.executor
             return await bridge.run_blocking(executor, bridge.get_response, environ)
         finally:
@@ -934,6 +955,8 @@ class DjangoHandler(tornado.web.RequestHandler):
             self.bridge.handler_finished(self)
         if self._task is not None:
             self._task.cancel()
+        if self._view_tasks is not None:
+            self._view_tasks.cancel()
         if self._state in (_RECEIVING, _IN_DJANGO, _PROMISED, _DEFERRED):
             self._move_to(_ABANDONED)
         self._move_to(_GONE)

@@ -552,6 +552,117 @@ def test_async_def_views_run_on_the_ioloop(server):
     assert response.json() == {"thread": server.thread_id, "user": "AnonymousUser"}
 
 
+class ThreadNotingMiddleware:
+    """Sync middleware that notes the thread it runs in."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        request.middleware_thread = threading.get_ident()
+        return self.get_response(request)
+
+
+class AsyncOnlyMiddleware:
+    """Middleware that is async capable and not sync capable: Django adapts it with async_to_sync."""
+
+    sync_capable = False
+    async_capable = True
+
+    def __init__(self, get_response):
+        from asgiref.sync import markcoroutinefunction
+
+        self.get_response = get_response
+        markcoroutinefunction(self)  # as Django's docs have async middleware classes do
+
+    async def __call__(self, request):
+        request.async_only_loop = id(asyncio.get_running_loop())
+        response = await self.get_response(request)
+        response["X-Async-Only"] = "seen"
+        return response
+
+
+@route("threads-of-an-async-view")
+async def threads_of_an_async_view(request):
+    from asgiref.sync import sync_to_async
+
+    return JsonResponse({
+        "view": threading.get_ident(),
+        "middleware": request.middleware_thread,
+        "sync_to_async": await sync_to_async(threading.get_ident)(),  # thread_sensitive: the request's own thread
+        "async_only_middleware_loop": request.async_only_loop,
+        "view_loop": id(asyncio.get_running_loop()),
+    })
+
+
+@pytest.fixture(scope="module")
+def noting_server(database):
+    middleware = [*settings.MIDDLEWARE, "test_django_tornado.ThreadNotingMiddleware", "test_django_tornado.AsyncOnlyMiddleware"]
+    with override_settings(MIDDLEWARE=middleware), LiveServer(make_app(threads=4)) as live:
+        yield live
+
+
+@pytest.mark.parametrize("path", ["/threads-of-an-async-view", "/fast"])
+def test_async_def_views_run_their_middleware_in_a_thread_and_their_coroutine_on_the_ioloop(noting_server, path):
+    response = get(noting_server, path)
+    assert response.status_code == 200
+    assert response.headers["X-Async-Only"] == "seen"  # async-only middleware runs, for either kind of view
+    if path == "/fast":
+        return
+    threads = response.json()
+    assert threads["view"] == noting_server.thread_id  # the coroutine is on the server's IOLoop
+    assert threads["middleware"] != noting_server.thread_id
+    assert threads["sync_to_async"] == threads["middleware"]  # and comes back to the request's thread
+    assert threads["async_only_middleware_loop"] == threads["view_loop"]  # one loop, no loop per request
+
+
+@route("async-stream-of-threads")
+async def async_stream_of_threads(request):
+    async def chunks():
+        yield b"first\n"
+        await asyncio.sleep(2)
+        yield b"last\n"
+
+    return StreamingHttpResponse(chunks())
+
+
+def test_async_def_views_streaming_async_iterators_hold_no_thread(server):
+    threads_before = threading.active_count()
+    streams = []
+    try:
+        for _ in range(30):  # one after the other: each stream's thread is free again for the next
+            streams.append(raw_request(server, b"GET /async-stream-of-threads HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
+            received = b""
+            while b"first" not in received:
+                received += streams[-1].recv(4096)
+        assert threading.active_count() - threads_before <= 2  # 30 streams open, not 30 threads held
+        assert get(server, "/fast").status_code == 200
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+async_views_left = []
+
+
+@route("await-forever")
+async def await_forever(request):
+    try:
+        await asyncio.sleep(TIMEOUT * 2)
+    except asyncio.CancelledError:
+        async_views_left.append("cancelled")
+        raise
+    return JsonResponse({"woke": True})
+
+
+def test_an_async_def_view_is_cancelled_when_its_client_leaves(server):
+    async_views_left.clear()
+    with contextlib.closing(raw_request(server, b"GET /await-forever HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")):
+        time.sleep(0.2)  # the view is awaiting (nothing to wait for but the sleep itself)
+    wait_for(lambda: async_views_left == ["cancelled"])
+    assert get(server, "/fast").status_code == 200
+
+
 # -- @asynchronous: the original project's contract ------------------------------
 # The "Quick Tutorial" of the original README, verbatim, with what it leaves
 # to the reader (Session, channel, ChatResponseError) defined first.
@@ -1698,6 +1809,10 @@ def endless_sync():
     finally:
         count("generators", -1)
 
+async def nap(request):
+    await asyncio.sleep(float(request.GET.get("seconds", "2")))
+    return JsonResponse({"napped": True})
+
 async def endless_async():
     count("generators")
     try:
@@ -1788,7 +1903,7 @@ def census(request, handler):
 
 urlpatterns = [
     path("state", state), path("slow", slow), path("park", park), path("echo", echo),
-    path("hold", hold), path("endless/<kind>", endless), path("census", census),
+    path("hold", hold), path("endless/<kind>", endless), path("census", census), path("nap", nap),
     path("news/events", news_events), path("news/poll", news_poll), path("news/listen", news_listen),
     path("news/publish", news_publish), path("news/page", news_page), path("news/socket", NewsSocket.as_view()),
 ]
@@ -1920,6 +2035,33 @@ def test_the_server_keeps_full_garbage_collections_rare_for_its_parked_connectio
         assert server.stop() == 0
     assert collector["first_generation"] == 10_000
     assert collector["frozen"] > 10_000  # Django and the project, loaded at start, are left out of collections
+
+
+def test_many_long_awaits_in_async_def_views_neither_wait_for_each_other_nor_starve_plain_views(project):
+    async def scenario(port):
+        async def one(path):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+            answer = await reader.read()
+            writer.close()
+            return answer
+
+        started = time.monotonic()
+        naps = [asyncio.ensure_future(one("/nap?seconds=2")) for _ in range(500)]
+        await asyncio.sleep(0.5)  # all 500 are waiting now
+        plain_started = time.monotonic()
+        plain = await one("/state")
+        plain_took = time.monotonic() - plain_started
+        answers = await asyncio.gather(*naps)
+        return time.monotonic() - started, plain_took, plain, answers
+
+    with running(project, *runtornado("--threads", "4", "127.0.0.1:0")) as server:
+        (url,) = server.wait_for_banner()
+        elapsed, plain_took, plain, answers = asyncio.run(scenario(port_of(url)))
+        assert server.stop() == 0
+    assert all(b"200 OK" in answer and b"napped" in answer for answer in answers)
+    assert elapsed < 6  # side by side: 2 s each, not one after another (bench/ times it closely)
+    assert b"200 OK" in plain and plain_took < 1
 
 
 def test_two_ports_of_one_call_share_one_process_and_its_state(project):
