@@ -304,6 +304,7 @@ class _DjangoBridge:
             self.wsgi_handler = StaticFilesHandler(self.wsgi_handler)
         self.calls_from_threads = _CallsFromThreads()
         self.loop: asyncio.AbstractEventLoop | None = None  # the IOLoop serving, known from the first request
+        self.ioloop: tornado.ioloop.IOLoop | None = None  # the same, as Tornado's
         self.executor = self._pool(threads, "django")
         self.reserved_executor = self._pool(min(threads, _RESERVED_THREADS), "django-asynchronous")
         self.waiting_executor = self._pool(_WAITING_THREADS, "django-async")
@@ -397,10 +398,26 @@ class _DjangoBridge:
             SyncToAsync.threadlocal.task_context = None
 
     async def run_blocking(self, executor: concurrent.futures.Executor | None, function: Callable[..., Any], *args: Any) -> Any:
-        """Run blocking Django code in ``executor``, or right here when there is no pool."""
+        """Run blocking Django code in ``executor``, or right here when there is no pool.
+
+        The result comes back with the other calls from threads, in batches (one
+        wake-up of the IOLoop for many), not through run_in_executor's chained
+        futures, one wake-up each.
+        """
         if executor is None:
             return _call_outside_event_loop(function, *args)
-        return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
+        result = self.loop.create_future()
+        executor.submit(self._run_for, result, function, args)
+        return await result
+
+    def _run_for(self, result: asyncio.Future[Any], function: Callable[..., Any], args: tuple) -> None:
+        """In a pool thread: run ``function`` and hand what it returned (or raised) to ``result``, on the IOLoop."""
+        try:
+            value = function(*args)
+        except BaseException as error:  # noqa: BLE001 (raised again where the result is awaited)
+            self.calls_from_threads.call_soon(self.ioloop, _settle, result, None, error)
+        else:
+            self.calls_from_threads.call_soon(self.ioloop, _settle, result, value, None)
 
     def close_response(self, response: HttpResponseBase) -> Awaitable[None]:
         """Close a finished streaming response (sends ``request_finished``) off the IOLoop."""
@@ -494,6 +511,15 @@ class _ViewTasks(list):
             task.cancel()
 
 
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():  # its awaiter was cancelled meanwhile
+        return
+    if error is None:
+        future.set_result(value)
+    else:
+        future.set_exception(error)
+
+
 def _ignore_start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
     """WSGI ``start_response``: the bridge reads status and headers from the response itself."""
 
@@ -558,9 +584,10 @@ class DjangoHandler(tornado.web.RequestHandler):
 
     def initialize(self, bridge: _DjangoBridge) -> None:
         self.bridge = bridge
-        self.loop = tornado.ioloop.IOLoop.current()
         if bridge.loop is None:
-            bridge.loop = self.loop.asyncio_loop
+            bridge.ioloop = tornado.ioloop.IOLoop.current()
+            bridge.loop = bridge.ioloop.asyncio_loop
+        self.loop = bridge.ioloop
         self._loop_thread = threading.get_ident()
         self._state = _RECEIVING
         self._body: io.IOBase = io.BytesIO()
@@ -2784,6 +2811,8 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
     else:
         status = handler.get_status()
         level = logging.ERROR if status >= 500 and status != 501 else logging.WARNING if status >= 400 else logging.INFO
+    if not _server_logger.isEnabledFor(level):
+        return
     request = handler.request
     _server_logger.log(
         level,
