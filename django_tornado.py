@@ -100,6 +100,7 @@ import tornado.httputil
 import tornado.ioloop
 import tornado.iostream
 import tornado.netutil
+import tornado.routing
 import tornado.util
 import tornado.web
 import tornado.websocket
@@ -303,6 +304,7 @@ class _DjangoBridge:
 
             self.wsgi_handler = StaticFilesHandler(self.wsgi_handler)
         self.calls_from_threads = _CallsFromThreads()
+        self.application: tornado.web.Application | None = None  # make_app's, whose log_request logs each request
         self.loop: asyncio.AbstractEventLoop | None = None  # the IOLoop serving, known from the first request
         self.ioloop: tornado.ioloop.IOLoop | None = None  # the same, as Tornado's
         self.executor = self._pool(threads, "django")
@@ -407,17 +409,36 @@ class _DjangoBridge:
         if executor is None:
             return _call_outside_event_loop(function, *args)
         result = self.loop.create_future()
-        executor.submit(self._run_for, result, function, args)
+        executor.submit(self._run_then, _settle, result, function, args)
         return await result
 
-    def _run_for(self, result: asyncio.Future[Any], function: Callable[..., Any], args: tuple) -> None:
-        """In a pool thread: run ``function`` and hand what it returned (or raised) to ``result``, on the IOLoop."""
+    def run_for(self, origin: _DjangoRequest, executor: concurrent.futures.Executor | None, function: Callable[..., Any], *args: Any) -> None:
+        """Run Django for ``origin`` in ``executor`` (or now, with no pool); it hears the answer on the IOLoop.
+
+        With no coroutine or future between: a plain request costs a callback.
+        """
+        if executor is None:
+            try:
+                response, error = _call_outside_event_loop(function, *args), None
+            except Exception as failure:  # noqa: BLE001 (answered with a 500 and logged)
+                response, error = None, failure
+            _answer_for(origin, response, error)
+        else:
+            executor.submit(self._run_then, _answer_for, origin, function, args)
+
+    def _run_then(self, then: Callable[[Any, Any, BaseException | None], None], receiver: Any, function: Callable[..., Any], args: tuple) -> None:
+        """In a pool thread: run ``function``, then ``then(receiver, value, error)`` on the IOLoop.
+
+        The answers come back with the other calls from threads, in batches (one
+        wake-up of the IOLoop for many), not through run_in_executor's chained
+        futures, one wake-up each.
+        """
         try:
             value = function(*args)
-        except BaseException as error:  # noqa: BLE001 (raised again where the result is awaited)
-            self.calls_from_threads.call_soon(self.ioloop, _settle, result, None, error)
+        except BaseException as error:  # noqa: BLE001 (handed over, raised again where awaited)
+            self.calls_from_threads.call_soon(self.ioloop, then, receiver, None, error)
         else:
-            self.calls_from_threads.call_soon(self.ioloop, _settle, result, value, None)
+            self.calls_from_threads.call_soon(self.ioloop, then, receiver, value, None)
 
     def close_response(self, response: HttpResponseBase) -> Awaitable[None]:
         """Close a finished streaming response (sends ``request_finished``) off the IOLoop."""
@@ -511,6 +532,13 @@ class _ViewTasks(list):
             task.cancel()
 
 
+def _answer_for(origin: _DjangoRequest, response: HttpResponseBase | None, error: BaseException | None) -> None:
+    if error is not None:  # not Django's errors, which are 500 pages: the bridge's own
+        _logger.error("%s %s: serving the request failed", origin.request.method, origin.request.uri, exc_info=error)
+        response = _plain_response(500, "the server could not answer this request")
+    origin.answered(response)
+
+
 def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
     if future.done():  # its awaiter was cancelled meanwhile
         return
@@ -524,9 +552,184 @@ def _ignore_start_response(status: str, headers: list[tuple[str, str]], exc_info
     """WSGI ``start_response``: the bridge reads status and headers from the response itself."""
 
 
+class _DjangoRequest(tornado.httputil.HTTPMessageDelegate):
+    """One request for Django: its body, Django's answer, and that answer written out.
+
+    Tornado's RequestHandler machinery costs as much per request as the whole
+    of Django's default middleware, and most answers need none of it: a plain
+    response is written here, straight to the connection. A DjangoHandler takes
+    the request over where its API is needed: an ``@asynchronous`` view (its
+    ``handler``), and answers that are streamed, deferred or upgraded.
+    """
+
+    __slots__ = ("_body", "_client_left", "_handler", "_status", "_view_tasks", "bridge", "request")
+
+    def __init__(self, bridge: _DjangoBridge, request: tornado.httputil.HTTPServerRequest) -> None:
+        self.bridge = bridge
+        self.request = request
+        self._body: io.IOBase | None = None
+        self._handler: DjangoHandler | None = None
+        self._view_tasks: _ViewTasks | None = None  # an async def view's coroutine, which the client leaving cancels
+        self._client_left = False  # before any of the answer went out (the access log's 499)
+        self._status = 200
+
+    # Request body: collected here so Tornado does not parse forms Django will parse.
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._body is None:
+            self._body = io.BytesIO()
+        if isinstance(self._body, io.BytesIO) and self._body.tell() + len(chunk) > settings.FILE_UPLOAD_MAX_MEMORY_SIZE:
+            # Large uploads spill to disk, as with Django's ASGI handler.
+            spooled = tempfile.SpooledTemporaryFile(max_size=settings.FILE_UPLOAD_MAX_MEMORY_SIZE)  # noqa: SIM115 (closed once Django is done)
+            spooled.write(self._body.getvalue())
+            self._body = spooled
+        self._body.write(chunk)
+
+    def finish(self) -> None:
+        """The whole request is here: hand it to Django, in the pool its view's kind calls for."""
+        bridge = self.bridge
+        if bridge.loop is None:
+            bridge.ioloop = tornado.ioloop.IOLoop.current()
+            bridge.loop = bridge.ioloop.asyncio_loop
+        bridge.active_handlers.add(self)
+        connection = self.request.connection
+        if connection.stream.closed():
+            # The client left as it sent the request: Tornado (6.3 to 6.5) calls no close callback then.
+            self._client_left = True
+        else:
+            connection.set_close_callback(self.on_connection_close)
+        if self.request.method not in _METHODS:
+            # Django answers 405 for the methods a view refuses; one no view could take is 501 (RFC 9110 15.6.2).
+            self._answer(_plain_response(501, f"{self.request.method[:20]} is not a method this server knows"), allow=True)
+            return
+        if self._body is None:
+            self._body = io.BytesIO()
+        environ = _wsgi_environ(self.request, self._body, self)
+        kind = bridge.route(environ)
+        if kind is _COROUTINE:
+            self._view_tasks = _ViewTasks()
+            if self._client_left:
+                self._view_tasks.cancel()
+            bridge.run_for(self, bridge.waiting_executor, bridge.get_response_awaiting, environ, self._view_tasks)
+        else:
+            bridge.run_for(self, bridge.reserved_executor if kind is _DEFERRING else bridge.executor, bridge.get_response, environ)
+
+    def answered(self, response: HttpResponseBase | None) -> None:
+        """Django's answer is here (on the IOLoop): write it, or have a handler write it; None if cancelled."""
+        self._body.close()  # Django has read it; a spilled upload leaves the disk now
+        if response is None:  # the client left and the view was cancelled
+            self._end()
+        elif self._handler is not None or response.streaming or isinstance(response, (_DeferredResponse, _SocketUpgrade)):
+            unfinished = self.handler().respond(response)
+            if unfinished is not None:
+                self.bridge.spawn(unfinished)
+        elif self._client_left:
+            self._end()
+        else:
+            self._answer(response)
+
+    def _answer(self, response: HttpResponseBase, allow: bool = False) -> None:
+        """Write a whole response, headers and body at once (what RequestHandler.finish() would send)."""
+        status = self._status = response.status_code
+        headers = tornado.httputil.HTTPHeaders({"Server": _SERVER, "Date": _http_date()})
+        for name, value in _response_headers(response):
+            headers.add(name, value)
+        if allow:
+            headers["Allow"] = ", ".join(sorted(_METHODS))
+        body = b"" if self.request.method == "HEAD" else response.content
+        if status in _BODYLESS_STATUS_CODES:
+            headers.pop("Content-Length", None)  # CommonMiddleware counts the content HTTP forbids here
+            body = b""
+        elif "Content-Length" not in headers:
+            headers["Content-Length"] = str(len(response.content))
+        start_line = tornado.httputil.ResponseStartLine("", status, response.reason_phrase)
+        connection = self.request.connection
+        written = connection.write_headers(start_line, headers, body)
+        connection.finish()
+        written.add_done_callback(self._written)
+
+    def _written(self, write: asyncio.Future[None]) -> None:
+        """Over once the last byte has left (or the client has: no error here)."""
+        if not write.cancelled():
+            write.exception()
+        self._end()
+
+    def _end(self) -> None:
+        self.bridge.application.log_request(self)
+        self.bridge.handler_finished(self)
+
+    def on_connection_close(self) -> None:
+        """The client left before its answer went out: cancel an async def view that awaits."""
+        self._client_left = True
+        if self._view_tasks is not None:
+            self._view_tasks.cancel()
+
+    # For Tornado's access log (Application.log_request), as a RequestHandler would.
+
+    def get_status(self) -> int:
+        return self._status
+
+    def _request_summary(self) -> str:
+        return f"{self.request.method} {self.request.uri} ({self.request.remote_ip})"
+
+    # The RequestHandler, when one is needed.
+
+    def handler(self) -> DjangoHandler:
+        """The DjangoHandler that takes this request over, made the first time (on the IOLoop)."""
+        if self._handler is None:
+            self._handler = DjangoHandler(self.bridge.application, self.request, bridge=self.bridge, origin=self)
+        return self._handler
+
+    def call_on_loop_and_wait(self, function: Callable[[], Any]) -> Any:
+        """Call ``function`` on the IOLoop and wait for its result (from a pool thread; at once on the IOLoop)."""
+        if asyncio.events._get_running_loop() is self.bridge.loop:
+            return function()
+        result: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                result.set_result(function())
+            except BaseException as error:  # noqa: BLE001 (raised again in the waiting thread)
+                result.set_exception(error)
+
+        self.bridge.ioloop.add_callback(run)
+        return result.result()
+
+
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))  # RequestHandler's, but TRACE and CONNECT
+_SERVER = f"TornadoServer/{tornado.version}"  # the Server header RequestHandler sends
+_http_date_cache: list[Any] = [0, ""]
+
+
+def _http_date() -> str:
+    """Now, as an HTTP Date header: formatted once a second, not once a request."""
+    now = int(time.time())
+    if _http_date_cache[0] != now:
+        _http_date_cache[:] = [now, tornado.httputil.format_timestamp(now)]
+    return _http_date_cache[1]
+
+
+def _outside_execute(handler: tornado.web.RequestHandler) -> None:
+    """Ready a RequestHandler that Tornado's Application does not execute to write through its API.
+
+    RequestHandler._execute sets the output transforms (Tornado 6.3-6.6); the
+    handlers the bridge makes, and a WebSocket's, never pass through it.
+    """
+    handler._transforms = []
+
+
+class _DjangoRouter(tornado.routing.Router):
+    """The Application's last rule: every request its handlers don't take goes to Django."""
+
+    def __init__(self, bridge: _DjangoBridge) -> None:
+        self.bridge = bridge
+
+    def find_handler(self, request: tornado.httputil.HTTPServerRequest, **kwargs: Any) -> _DjangoRequest:
+        return _DjangoRequest(self.bridge, request)
+
+
 # A request's life in DjangoHandler, one state at a time; DjangoHandler._move_to
 # makes every move, and _NEXT_STATES says which it may make.
-_RECEIVING = "receiving"  # the request's body is arriving
 _IN_DJANGO = "in Django"  # middleware and the view run: nothing of the answer may go out yet
 _PROMISED = "promised"  # an @asynchronous view returned None; middleware still runs
 _DEFERRED = "deferred"  # that view answers later, through the handler
@@ -536,7 +739,6 @@ _ANSWERED = "answered"  # over: the answer went out
 _GONE = "gone"  # over: the client left
 _UPGRADED = "upgraded"  # over here: a WebSocket has the connection
 _NEXT_STATES = {
-    _RECEIVING: {_IN_DJANGO, _RESPONDING, _ABANDONED},  # responding: Tornado's own error, before Django
     _IN_DJANGO: {_PROMISED, _RESPONDING, _UPGRADED, _ABANDONED},
     _PROMISED: {_DEFERRED, _ABANDONED},
     _DEFERRED: {_ABANDONED, _ANSWERED},
@@ -550,19 +752,19 @@ _DJANGO_RUNNING = frozenset((_IN_DJANGO, _PROMISED))
 _OVER = frozenset((_ANSWERED, _GONE, _UPGRADED))
 
 
-@tornado.web.stream_request_body
 class DjangoHandler(tornado.web.RequestHandler):
-    """Serve one request through Django; ``@asynchronous`` views receive it as ``handler``.
+    """A request Django is serving, as ``@asynchronous`` views receive it: ``handler``.
 
     All of Tornado's RequestHandler API is there (``write``, ``flush``,
     ``finish``, ``set_header``, ``set_status``, ``request``, ...), plus
-    ``async_callback`` and ``add_disconnect_callback``.
+    ``async_callback`` and ``add_disconnect_callback``. The bridge makes one
+    when a request needs it (see _DjangoRequest), while Django runs or once it
+    has answered; Tornado does not execute it as it does other handlers.
     """
 
     # Slots keep these out of the instance's dict (Tornado's own attributes fill it):
     # a parked request's size counts, thousands at a time.
     __slots__ = (
-        "_body",
         "_client_left",
         "_disconnect_callbacks",
         "_expiry",
@@ -571,8 +773,8 @@ class DjangoHandler(tornado.web.RequestHandler):
         "_headers_sent",
         "_headers_set_meanwhile",
         "_loop_thread",
+        "_origin",
         "_over_callbacks",
-        "_parked",
         "_state",
         "_task",
         "_view_tasks",
@@ -582,29 +784,29 @@ class DjangoHandler(tornado.web.RequestHandler):
         "loop",
     )
 
-    def initialize(self, bridge: _DjangoBridge) -> None:
+    def initialize(self, bridge: _DjangoBridge, origin: _DjangoRequest) -> None:
+        _outside_execute(self)
         self.bridge = bridge
-        if bridge.loop is None:
-            bridge.ioloop = tornado.ioloop.IOLoop.current()
-            bridge.loop = bridge.ioloop.asyncio_loop
         self.loop = bridge.ioloop
         self._loop_thread = threading.get_ident()
-        self._state = _RECEIVING
-        self._body: io.IOBase = io.BytesIO()
+        self._origin = origin  # the request as the bridge keeps it (its accounting, its body)
+        self._state = _IN_DJANGO
         # Made when first needed (most requests need none of them):
         self._waiting_for_django: list[Callable[[], None]] | None = None  # flush/finish asked for while Django runs
         self._headers_set_meanwhile: set[str] | None = None
         self._disconnect_callbacks: list[Callable[[], None]] | None = None
         self._over_callbacks: list[Callable[[], None]] | None = None  # run when the request is over, however it ends
         self._finish_waiting: asyncio.Future[None] | None = None
-        self._parked = False  # get() has returned, the answer comes later (see _park)
         self._finishing = False
         self._task: asyncio.Task[Any] | None = None  # an async iterator streaming, which the client leaving cancels
-        self._view_tasks: _ViewTasks | None = None  # an async def view's coroutine, likewise
+        self._view_tasks = origin._view_tasks  # an async def view's coroutine, likewise
         self._expiry: object | None = None  # the deferred request's timeout, or the event stream's keepalive
         self._headers_sent = False
-        self._client_left = False  # before any of the answer went out (the access log's 499)
+        self._client_left = origin._client_left  # before any of the answer went out (the access log's 499)
         self._wrote_lately = False  # an event stream wrote since its last keepalive tick
+        if self._client_left:  # gone before this handler was made
+            self._move_to(_ABANDONED)
+            self._move_to(_GONE)
 
     def _move_to(self, state: str) -> bool:
         """Make the request's one move to ``state``, doing what entering it does; False once it is over.
@@ -635,49 +837,24 @@ class DjangoHandler(tornado.web.RequestHandler):
                 callback()
         return True
 
-    # Request body: collected here so Tornado does not parse forms Django will parse.
-
-    def data_received(self, chunk: bytes) -> None:
-        if isinstance(self._body, io.BytesIO) and self._body.tell() + len(chunk) > settings.FILE_UPLOAD_MAX_MEMORY_SIZE:
-            # Large uploads spill to disk, as with Django's ASGI handler.
-            spooled = tempfile.SpooledTemporaryFile(max_size=settings.FILE_UPLOAD_MAX_MEMORY_SIZE)  # noqa: SIM115 (closed once Django is done)
-            spooled.write(self._body.getvalue())
-            self._body = spooled
-        self._body.write(chunk)
-
-    def prepare(self) -> None:
-        self.bridge.active_handlers.add(self)
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        """Answer errors Tornado raises before Django sees the request in plain text.
-
-        Tornado's only 405 here is for a method this handler has no code for at
-        all (Django answers 405 for the rest): that is 501 (RFC 9110 section 15.6.2).
-        """
-        self._fail(501 if status_code == 405 else status_code)
-
     def check_xsrf_cookie(self) -> None:
         """Leave CSRF to Django's CsrfViewMiddleware, even if the app sets ``xsrf_cookies``."""
 
     def compute_etag(self) -> None:
         """Send no automatic ETag: Django's ConditionalGetMiddleware decides that."""
 
-    # The request's journey.
+    # The request's journey, once Django has answered.
 
-    async def get(self) -> None:
-        """Hand the request to Django, then write what it answers."""
-        self._move_to(_IN_DJANGO)  # the whole body is here
-        if self.request.connection.stream.closed():
-            # The client left as it sent the request: Tornado (6.3 to 6.5) sets no
-            # close callback then, so say it ourselves (its waiters must not leak).
-            self.on_connection_close()
-        response = await self._django_response()
-        if response is None:  # the client left and the view was cancelled
-            return
+    def respond(self, response: HttpResponseBase) -> Awaitable[None] | None:
+        """Write what Django answered: a response, a stream, an upgrade, or (a placeholder) nothing yet.
+
+        Return what must still be awaited (a stream being written, a response
+        closing), or None when all is done.
+        """
         if self._state in _OVER:  # the client left while Django worked
-            if response.streaming:
-                await self.bridge.close_response(response)
-        elif isinstance(response, _SocketUpgrade):
+            self._end_gone()
+            return self.bridge.close_response(response) if response.streaming else None
+        if isinstance(response, _SocketUpgrade):
             self._upgrade(response)
         elif isinstance(response, _DeferredResponse):
             timeout, parks = response.timeout, self._take_placeholder(response)
@@ -685,25 +862,8 @@ class DjangoHandler(tornado.web.RequestHandler):
             if parks:
                 self._answer_later(timeout)
         else:
-            await self._write_response(response)
-
-    head = post = put = patch = delete = options = get
-
-    async def _django_response(self) -> HttpResponseBase | None:
-        """Run Django for this request; None if the client left and the view was cancelled."""
-        bridge = self.bridge
-        environ = _wsgi_environ(self.request, self._body, self)
-        kind = bridge.route(environ)
-        try:
-            if kind is _COROUTINE:
-                self._view_tasks = _ViewTasks()
-                if self._state in _OVER:  # the client is gone already
-                    self._view_tasks.cancel()
-                return await bridge.run_blocking(bridge.waiting_executor, bridge.get_response_awaiting, environ, self._view_tasks)
-            executor = bridge.reserved_executor if kind is _DEFERRING else bridge.executor
-            return await bridge.run_blocking(executor, bridge.get_response, environ)
-        finally:
-            self._body.close()  # Django has read it; a spilled upload leaves the disk now
+            return self._write_response(response)
+        return None
 
     def _upgrade(self, upgrade: _SocketUpgrade) -> None:
         """Hand the connection to the WebSocket the view made, unless the server is stopping."""
@@ -712,11 +872,11 @@ class DjangoHandler(tornado.web.RequestHandler):
             return
         self._move_to(_UPGRADED)
         upgrade.websocket._start(self, upgrade)
-        self.bridge.handler_finished(self)
+        self.bridge.handler_finished(self._origin)
         self.ui = None  # as RequestHandler.finish() does: no cycle keeps this handler for the collector
 
-    async def _write_response(self, response: HttpResponseBase) -> None:
-        """Write Django's response: headers, then the body at once or chunk by chunk."""
+    def _write_response(self, response: HttpResponseBase) -> Awaitable[None] | None:
+        """Write Django's response: headers, then the body at once or chunk by chunk (returned to await)."""
         if self._state is _PROMISED:
             # Middleware replaced the view's placeholder (an error in process_response,
             # say): the view's answer will never go out, so let it drop its waiter.
@@ -734,14 +894,14 @@ class DjangoHandler(tornado.web.RequestHandler):
         if response.status_code in _BODYLESS_STATUS_CODES:
             self.clear_header("Content-Length")  # CommonMiddleware counts the content HTTP forbids here
             self.finish()
-            if response.streaming:
-                await self.bridge.close_response(response)
-        elif isinstance(response, EventStream):
+            return self.bridge.close_response(response) if response.streaming else None
+        if isinstance(response, EventStream):
             self._stream_events(response)
         elif response.streaming:
-            await self._stream(response)
+            return self._stream(response)
         else:
             self.finish(response.content)
+        return None
 
     async def _stream(self, response: HttpResponseBase) -> None:
         """Write each chunk as the iterator produces it; stop when the client goes away.
@@ -768,11 +928,11 @@ class DjangoHandler(tornado.web.RequestHandler):
             pass  # the client left; closing the response below stops the iterator
         except Exception:
             _logger.exception("%s %s: the streaming response failed mid-stream", self.request.method, self.request.uri)
-            self.request.connection.close()
+            self.request.connection.stream.close()  # no final chunk: the client sees it truncated
         finally:
             await self.bridge.close_response(response)
-        if not self.request.connection.stream.closed():
-            self.finish()
+        if not self._finishing:
+            self.finish()  # the final chunk (nothing, if the client is gone)
 
     def _stream_events(self, stream: EventStream) -> None:
         """Write a channel's events as the hub hands them over, until the client leaves or the server stops.
@@ -792,7 +952,6 @@ class DjangoHandler(tornado.web.RequestHandler):
             reader.cancel()
             self.bridge.spawn(self.bridge.close_response(stream))  # request_finished, in the pool
 
-        self._park()
         self._when_over(stop)
         if self.request.method == "HEAD":
             self._end_stream()
@@ -835,6 +994,8 @@ class DjangoHandler(tornado.web.RequestHandler):
                 await self._write_chunk(chunk)
 
     async def _write_chunk(self, chunk: bytes) -> None:
+        if self._state in _OVER:
+            raise tornado.iostream.StreamClosedError  # the client is gone: the stream stops
         if chunk:
             self.write(chunk)
             await self.flush()
@@ -878,22 +1039,13 @@ class DjangoHandler(tornado.web.RequestHandler):
         return self._state is _DEFERRED
 
     def _answer_later(self, timeout: float | None) -> None:
-        """Keep the connection open until the view calls ``finish()``, the client leaves or time runs out."""
-        self._park()
+        """Keep the connection open until the view calls ``finish()``, the client leaves or time runs out.
+
+        Nothing waits for it, not even a coroutine: memory per parked request counts.
+        """
         self.bridge.deferred_handlers.add(self)
         if timeout is not None:
             self._expiry = self.loop.call_later(timeout, self._expire, timeout)
-
-    def _park(self) -> None:
-        """Let get() return while the request stays open: a parked request holds no coroutine.
-
-        Tornado's RequestHandler._execute finishes a request once get() returns
-        unless _auto_finish is off (Tornado 6.3-6.6: its own switch for handlers
-        that finish later). What it would have done for a client that left, the
-        handler does in on_connection_close.
-        """
-        self._parked = True
-        self._auto_finish = False
 
     def _expire(self, timeout: float) -> None:
         """End a deferred request whose view did not answer in time with 504."""
@@ -937,21 +1089,6 @@ class DjangoHandler(tornado.web.RequestHandler):
     def _on_loop_thread(self) -> bool:
         return threading.get_ident() == self._loop_thread
 
-    def _call_on_loop_and_wait(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Call ``function`` on the IOLoop and wait for its result (from a pool thread)."""
-        if self._on_loop_thread():
-            return function(*args, **kwargs)
-        result: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                result.set_result(function(*args, **kwargs))
-            except BaseException as error:  # noqa: BLE001 (re-raised in the waiting thread)
-                result.set_exception(error)
-
-        self.loop.add_callback(run)
-        return result.result()
-
     def add_disconnect_callback(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on the IOLoop if the request ends without the view's answer.
 
@@ -978,17 +1115,21 @@ class DjangoHandler(tornado.web.RequestHandler):
     def on_connection_close(self) -> None:
         super().on_connection_close()
         self._client_left = self._state not in _OVER and not self._headers_sent
-        if self._state is _RECEIVING:  # the client left mid-body: Tornado will call neither get() nor finish()
-            self.bridge.handler_finished(self)
+        django_running = self._state in _DJANGO_RUNNING
         if self._task is not None:
             self._task.cancel()
         if self._view_tasks is not None:
             self._view_tasks.cancel()
-        if self._state in (_RECEIVING, _IN_DJANGO, _PROMISED, _DEFERRED):
+        if self._state in (_IN_DJANGO, _PROMISED, _DEFERRED):
             self._move_to(_ABANDONED)
         self._move_to(_GONE)
-        if self._parked and not self._finishing:
-            self.finish()  # its access-log line, and the end of its accounting
+        if not django_running:  # (respond() ends one Django was still serving)
+            self._end_gone()
+
+    def _end_gone(self) -> None:
+        """The client is gone: still log the request and count it over, once, as finish() does."""
+        if not self._finishing:
+            self.finish()
 
     def on_finish(self) -> None:
         self._move_to(_ANSWERED)
@@ -1006,15 +1147,12 @@ class DjangoHandler(tornado.web.RequestHandler):
         if self._state in _OVER:  # (a disconnect callback may have answered)
             return
         if self._headers_sent:
-            self.request.connection.close()
-            self._move_to(_GONE)
+            self.request.connection.stream.close()  # cut off; on_connection_close ends the request
             return
         if self._state is not _RESPONDING:
             self._move_to(_RESPONDING)
         self.clear()
         self.set_status(status_code)
-        if status_code == 501:
-            self.set_header("Allow", ", ".join(self.SUPPORTED_METHODS))
         if status_code == 503:
             self.set_header("Retry-After", "1")  # the server is stopping: try again (another worker, or after the restart)
         self.set_header("Content-Type", "text/plain; charset=utf-8")
@@ -1046,7 +1184,8 @@ class DjangoHandler(tornado.web.RequestHandler):
         """Count the request as over once its last byte has left (or the client has)."""
         if not written.cancelled():
             written.exception()  # a client that left is no error here
-        self.bridge.handler_finished(self)
+        self._origin._handler = None  # no cycle between the two outlives the request
+        self.bridge.handler_finished(self._origin)
 
     def set_header(self, name: str, value: Any) -> None:
         self._note_header(name)
@@ -1104,21 +1243,26 @@ def asynchronous(view: Callable[..., Any] | None = None, *, timeout: float | Non
 
         @functools.wraps(view)
         async def deferring_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
-            handler = _handler_of(request, view)
+            handler = _origin_of(request, view).handler()  # on the IOLoop
             return handler._promise(await view(request, handler, *args, **kwargs), timeout)
 
     else:
 
         @functools.wraps(view)
         def deferring_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
-            handler = _handler_of(request, view)
-            return handler._call_on_loop_and_wait(lambda: handler._promise(view(request, handler, *args, **kwargs), timeout))
+            origin = _origin_of(request, view)
+
+            def run() -> HttpResponseBase:
+                handler = origin.handler()
+                return handler._promise(view(request, handler, *args, **kwargs), timeout)
+
+            return origin.call_on_loop_and_wait(run)
 
     deferring_view.tornado_asynchronous = True
     return deferring_view
 
 
-def _handler_of(request: HttpRequest, view: Callable[..., Any]) -> DjangoHandler:
+def _origin_of(request: HttpRequest, view: Callable[..., Any]) -> _DjangoRequest:
     try:
         return request.META[_HANDLER_ENVIRON_KEY]
     except KeyError:
@@ -2255,9 +2399,8 @@ class _SocketHandler(tornado.websocket.WebSocketHandler):
     """Tornado's WebSocket protocol, speaking for one endpoint once Django has let its handshake through."""
 
     def initialize(self, websocket: WebSocket) -> None:
+        _outside_execute(self)
         self.websocket = websocket
-        # RequestHandler._execute sets this (Tornado 6.3-6.6); get() is called here directly.
-        self._transforms = []
 
     def check_origin(self, origin: str) -> bool:
         return True  # the endpoint decided, in Django's view
@@ -2314,7 +2457,8 @@ def make_app(
     if not apps.ready:
         django.setup(set_prefix=False)
     bridge = _DjangoBridge(threads, static)
-    app = tornado.web.Application([*handlers, (r".*", DjangoHandler, {"bridge": bridge})], **tornado_settings)
+    app = tornado.web.Application([*handlers, (r".*", _DjangoRouter(bridge))], **tornado_settings)
+    bridge.application = app
     app.django_bridge = bridge
     app.django_executor = bridge.executor
     return app
