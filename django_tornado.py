@@ -2320,7 +2320,13 @@ class WebSocket:
         for reader in self._readers.values():
             reader.cancel()
         self._readers.clear()
-        self._run(self.on_close).add_done_callback(lambda _: self._bridge.socket_closed(self))
+        self._run(self.on_close).add_done_callback(self._release)
+
+    def _release(self, _: asyncio.Future[None]) -> None:
+        """``on_close`` has run: the socket is gone, and leaves no cycle for the collector to find."""
+        self._bridge.socket_closed(self)
+        self._protocol.websocket = None
+        self._protocol = self._stream = self._lifetime = None
 
 
 def _forget_the_urls_tried(request: HttpRequest) -> None:
