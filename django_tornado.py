@@ -623,6 +623,9 @@ class _DjangoRequest(tornado.httputil.HTTPMessageDelegate):
         self._body.close()  # Django has read it; a spilled upload leaves the disk now
         if response is None:  # the client left and the view was cancelled
             self._end()
+        elif self._handler is not None and self._handler._step_aside(response):
+            self._handler = None
+            self._answer(response)  # an @asynchronous view that answered at once, as a plain one does
         elif self._handler is not None or response.streaming or isinstance(response, (_DeferredResponse, _SocketUpgrade)):
             unfinished = self.handler().respond(response)
             if unfinished is not None:
@@ -696,7 +699,7 @@ class _DjangoRequest(tornado.httputil.HTTPMessageDelegate):
             except BaseException as error:  # noqa: BLE001 (raised again in the waiting thread)
                 result.set_exception(error)
 
-        self.bridge.ioloop.add_callback(run)
+        self.bridge.calls_from_threads.call_soon(self.bridge.ioloop, run)
         return result.result()
 
 
@@ -781,6 +784,7 @@ class DjangoHandler(tornado.web.RequestHandler):
         "_over_callbacks",
         "_state",
         "_task",
+        "_touched",
         "_view_tasks",
         "_waiting_for_django",
         "_wrote_lately",
@@ -808,6 +812,7 @@ class DjangoHandler(tornado.web.RequestHandler):
         self._headers_sent = False
         self._client_left = origin._client_left  # before any of the answer went out (the access log's 499)
         self._wrote_lately = False  # an event stream wrote since its last keepalive tick
+        self._touched = False  # the view wrote, set a header or asked for a flush through it while Django ran
         if self._client_left:  # gone before this handler was made
             self._move_to(_ABANDONED)
             self._move_to(_GONE)
@@ -868,6 +873,22 @@ class DjangoHandler(tornado.web.RequestHandler):
         else:
             return self._write_response(response)
         return None
+
+    def _step_aside(self, response: HttpResponseBase) -> bool:
+        """End here, without writing, if ``response`` is a whole one and the view wrote nothing through this handler.
+
+        An ``@asynchronous`` view that returned a response at once needed the
+        handler only as an argument: the request writes the response itself,
+        as for a plain view, at a third of the cost. What waits for the end of
+        the request (a query the view made) ends now.
+        """
+        if self._state is not _IN_DJANGO or self._touched or response.streaming or isinstance(response, (_DeferredResponse, _SocketUpgrade)):
+            return False
+        self._finishing = True  # nothing of this handler is to be written
+        self._move_to(_RESPONDING)
+        self._move_to(_ANSWERED)
+        self.ui = None  # as RequestHandler.finish() does: no cycle keeps this handler for the collector
+        return True
 
     def _upgrade(self, upgrade: _SocketUpgrade) -> None:
         """Hand the connection to the WebSocket the view made, unless the server is stopping."""
@@ -1206,8 +1227,14 @@ class DjangoHandler(tornado.web.RequestHandler):
     def _note_header(self, name: str) -> None:
         """A header the view set while Django still runs wins over the placeholder's."""
         if self._state in _DJANGO_RUNNING:
+            self._touched = True
             self._headers_set_meanwhile = self._headers_set_meanwhile or set()
             self._headers_set_meanwhile.add(name.lower())
+
+    def write(self, chunk: str | bytes | dict) -> None:
+        if self._state in _DJANGO_RUNNING:
+            self._touched = True
+        super().write(chunk)
 
     def _after_django(self, operation: Callable[[], asyncio.Future[None]]) -> asyncio.Future[None]:
         result = self.loop.asyncio_loop.create_future()
@@ -1222,6 +1249,7 @@ class DjangoHandler(tornado.web.RequestHandler):
         return result
 
     def _wait_for_django(self, operation: Callable[[], Any]) -> None:
+        self._touched = True
         self._waiting_for_django = self._waiting_for_django or []
         self._waiting_for_django.append(operation)
 

@@ -2860,42 +2860,45 @@ def test_with_redis_an_event_published_anywhere_reaches_every_kind_of_reader_in_
             since = event_id
 
 
-@pytest.fixture
-def restartable_redis(tmp_path):
-    """A redis-server that a test can stop and start again on the same port, keeping its data on disk."""
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]
+class RedisServer:
+    """A real redis-server on a free loopback port; ``persistent`` keeps its data on disk across a restart."""
 
-    class Redis:
-        url = f"redis://127.0.0.1:{port}/0"
-        process = None
+    def __init__(self, folder, persistent=False):
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed (.ci/run installs it)"
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            self.port = probe.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
+        self.command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence, "--dir", str(folder)]
+        self.process = None
 
-        def start(self):
-            self.process = subprocess.Popen(
-                [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp_path)],
-                stdout=subprocess.DEVNULL,
-            )
-            deadline = time.monotonic() + TIMEOUT
-            while True:
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
-                    probe.sendall(b"PING\r\n")
-                    if probe.recv(16).startswith(b"+PONG"):
-                        return
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
+    def start(self):
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
+                probe.sendall(b"PING\r\n")
+                if probe.recv(16).startswith(b"+PONG"):
+                    return
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
 
-        def stop(self):
+    def stop(self):
+        if self.process.poll() is None:
             self.process.terminate()
             self.process.wait(TIMEOUT)
 
-    redis_server = Redis()
+
+@pytest.fixture
+def restartable_redis(tmp_path):
+    """A redis-server that a test can stop and start again on the same port, keeping its data on disk."""
+    redis_server = RedisServer(tmp_path, persistent=True)
     redis_server.start()
     try:
         yield redis_server
     finally:
-        if redis_server.process.poll() is None:
-            redis_server.stop()
+        redis_server.stop()
 
 
 def test_readers_ride_out_a_redis_restart_and_the_publisher_hears_it_was_down(project, restartable_redis):
@@ -3293,28 +3296,12 @@ def test_chat_refuses_worker_processes_without_redis():
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
     """A real redis-server on a free loopback port, for this module's tests."""
-    server_binary = shutil.which("redis-server")
-    assert server_binary, "redis-server is not installed (.ci/run installs it)"
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]
-    folder = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [server_binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)],
-        stdout=subprocess.DEVNULL,
-    )
+    redis_server = RedisServer(tmp_path_factory.mktemp("redis"))
+    redis_server.start()
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
-                probe.sendall(b"PING\r\n")
-                if probe.recv(16).startswith(b"+PONG"):
-                    break
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield redis_server.url
     finally:
-        process.terminate()
-        process.wait(TIMEOUT)
+        redis_server.stop()
 
 
 def test_chat_rooms_in_redis_are_one_room_across_processes(redis_url):
