@@ -8,6 +8,7 @@ Views:
   /sync, /async        a small JSON answer, from a plain and an async def view
   /asynchronous        the same from an @asynchronous view answering at once
   /block               a plain view that blocks 20 ms (a slow query stand-in)
+  /nap                 an async def view awaiting ?seconds= (2 by default)
   /stream/sync|async   5 chunks 0.5 s apart, from a sync or an async iterator
   /poll, /publish      park until /publish wakes every parked request
 """
@@ -18,32 +19,13 @@ import sys
 import threading
 import time
 
-from django.conf import settings
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import django_settings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # django_tornado.py
-
-if not settings.configured:
-    minimal = os.environ.get("BENCH_MIDDLEWARE") == "minimal"
-    settings.configure(
-        DEBUG=False,
-        SECRET_KEY="benchmark-only",
-        ALLOWED_HOSTS=["127.0.0.1", "localhost"],
-        ROOT_URLCONF=__name__,
-        INSTALLED_APPS=["django.contrib.auth", "django.contrib.contenttypes", "django.contrib.sessions", "django.contrib.messages"],
-        MIDDLEWARE=["django.middleware.common.CommonMiddleware"] if minimal else [  # startproject's stack
-            "django.middleware.security.SecurityMiddleware",
-            "django.contrib.sessions.middleware.SessionMiddleware",
-            "django.middleware.common.CommonMiddleware",
-            "django.middleware.csrf.CsrfViewMiddleware",
-            "django.contrib.auth.middleware.AuthenticationMiddleware",
-            "django.contrib.messages.middleware.MessageMiddleware",
-            "django.middleware.clickjacking.XFrameOptionsMiddleware",
-        ],
-        DATABASES={},
-        SESSION_ENGINE="django.contrib.sessions.backends.signed_cookies",
-        # No access log from any server: its cost would measure the terminal.
-        LOGGING={"version": 1, "disable_existing_loggers": False, "loggers": {"django.server": {"level": "WARNING"}}},
-    )
+django_settings.configure(
+    __name__,
+    **({"MIDDLEWARE": ["django.middleware.common.CommonMiddleware"]} if os.environ.get("BENCH_MIDDLEWARE") == "minimal" else {}),
+)
 
 import django
 
@@ -72,6 +54,11 @@ def asynchronous_json(request, handler):
 
 def block(request):
     time.sleep(0.02)
+    return JsonResponse(ANSWER)
+
+
+async def nap(request):
+    await asyncio.sleep(float(request.GET.get("seconds", "2")))
     return JsonResponse(ANSWER)
 
 
@@ -158,6 +145,7 @@ urlpatterns = [
     path("async", async_json),
     path("asynchronous", asynchronous_json),
     path("block", block),
+    path("nap", nap),
     path("stream/sync", stream_sync),
     path("stream/async", stream_async),
     path("poll", poll_asgi if ASGI_POLL else poll),

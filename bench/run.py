@@ -10,7 +10,7 @@ median over rounds, and is also given as a ratio to raw Tornado (plain Tornado
 handlers, no Django) measured in the same round. Writes a Markdown report to
 stdout and bench/results/latest.md, raw figures to bench/results/*.json, and a
 chart to docs/bench.png when matplotlib is there. Peers come from
-bench/requirements.txt, installed on demand; wrk from the OS (apt-get install wrk).
+setup.cfg's bench extra, installed on demand; wrk from the OS (apt-get install wrk).
 """
 
 import argparse
@@ -36,9 +36,29 @@ import urllib.request
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 RESULTS = os.path.join(BENCH, "results")
-THREADS = 6  # django_tornado's default on 2 cores (CPUs + 4); gthread and WSGIContainer get the same
+THREADS = 16  # django_tornado's default pool; gthread, WSGIContainer and granian WSGI get the same
 PY = sys.executable
 
+# granian (Rust HTTP server, 2.x): a supervisor process and ONE worker process
+# (both pinned with the rest). Notes from trying it with this app:
+# - WSGI: --blocking-threads is the number of Python threads running the app
+#   (default backpressure / 2 = 512); granian warns that 6 is "quite high" for
+#   2 cores (it warns above 2 * CPUs + 1). Sync iterators stream chunk by chunk;
+#   async ones are buffered whole by Django's WSGI handler, as under gunicorn.
+# - ASGI: "asginl", the interface without the lifespan protocol, which Django's
+#   ASGI handler refuses ("asgi" works too, after logging a warning). ASGI allows
+#   no --blocking-threads above 1 (a ConfigurationError): sync views and sync
+#   iterators run in asgiref's executor, as under uvicorn, and Django's ASGI
+#   handler buffers sync iterators whole. Each parked long-poll holds a thread
+#   (asgiref's one-thread executor per request): 5,006 threads at 5,000.
+# - --backpressure (requests served at once per worker) defaults to
+#   backlog / workers = 1024; beyond it requests wait unread (with 1,500
+#   polls parked, /waiting was never answered), so fan-out needs it raised,
+#   and the listen backlog to 2048, as for Tornado here.
+# - granian's HTTP layer is cheap: its WSGI row's sync JSON figure was level
+#   with raw Tornado's in smoke runs, more than twice gunicorn's.
+GRANIAN = ["granian", "--workers", "1", "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning",
+           "--backlog", "2048", "--backpressure", "16384"]
 # name -> (command, extra environment, can park thousands of long-polls)
 SERVERS = {
     "raw Tornado (ceiling)": ([PY, "servers.py", "raw", "{port}"], {}, True),
@@ -52,6 +72,8 @@ SERVERS = {
     "uvicorn (uvloop, httptools) + Django ASGI": (
         ["uvicorn", "--port", "{port}", "--no-access-log", "--log-level", "warning", "app:asgi"], {"BENCH_POLL": "asgi"}, True),
     "daphne + Django ASGI": (["daphne", "-p", "{port}", "-b", "127.0.0.1", "-v", "0", "app:asgi"], {"BENCH_POLL": "asgi"}, True),
+    f"granian WSGI, {THREADS} threads": (GRANIAN + ["--interface", "wsgi", "--blocking-threads", str(THREADS), "app:wsgi"], {}, False),
+    "granian + Django ASGI": (GRANIAN + ["--interface", "asginl", "app:asgi"], {"BENCH_POLL": "asgi"}, True),
 }
 CEILING = "raw Tornado (ceiling)"
 ONE_CORE = {name for name in SERVERS if "2 processes" not in name}
@@ -61,11 +83,11 @@ ONE_CORE = {name for name in SERVERS if "2 processes" not in name}
 
 
 def ensure_tools() -> None:
-    """Install the peers from bench/requirements.txt and wrk if they are missing."""
-    missing = [module for module in ("gunicorn", "uvicorn", "daphne", "uvloop", "httptools") if importlib.util.find_spec(module) is None]
+    """Install the peers (setup.cfg's bench extra) and wrk if they are missing."""
+    missing = [module for module in ("gunicorn", "uvicorn", "daphne", "granian", "uvloop", "httptools") if importlib.util.find_spec(module) is None]
     if missing:
         print(f"Installing the peers ({', '.join(missing)} missing)...", file=sys.stderr)
-        subprocess.run([PY, "-m", "pip", "install", "-q", "-r", os.path.join(BENCH, "requirements.txt")], check=True)
+        subprocess.run([PY, "-m", "pip", "install", "-q", "-e", f"{ROOT}[bench]"], check=True)
     if shutil.which("wrk") is None:
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
             sys.exit("bench/run.py needs wrk: apt-get install wrk (or your system's package)")
@@ -97,7 +119,8 @@ class Server:
         self.process = subprocess.Popen(
             [*pin, *(part.format(port=self.port) for part in command)],
             cwd=BENCH,
-            env={**os.environ, **environment, "PYTHONPATH": ROOT},
+            # The peers' commands (gunicorn, granian, ...) from this Python's bin first: the bench venv need not be activated.
+            env={**os.environ, **environment, "PYTHONPATH": ROOT, "PATH": os.pathsep.join([os.path.dirname(PY), os.environ.get("PATH", os.defpath)])},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
@@ -241,6 +264,37 @@ async def streaming(server: Server) -> dict:
     return figures
 
 
+async def long_awaits(server: Server, count: int, seconds: float = 2.0) -> dict:
+    """Scenario 3b: ``count`` async def views that each await ``seconds``, all at once; a plain request meanwhile.
+
+    Until all have answered (ideally ``seconds``), how long the plain request
+    took, and the server's memory per waiting request.
+    """
+    async def one(path: str) -> bytes:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", server.port), 10)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        try:
+            return await asyncio.wait_for(reader.read(), 60)
+        finally:
+            writer.close()
+
+    baseline = server.rss()
+    started = time.perf_counter()
+    naps = [asyncio.ensure_future(one(f"/nap?seconds={seconds}")) for _ in range(count)]
+    await asyncio.sleep(seconds / 2)  # all of them are waiting by now
+    waiting_rss = server.rss()
+    plain_started = time.perf_counter()
+    await one("/sync")
+    plain_ms = 1000 * (time.perf_counter() - plain_started)
+    answers = await asyncio.gather(*naps, return_exceptions=True)
+    return {
+        "all_answered_s": time.perf_counter() - started,
+        "answered": sum(1 for answer in answers if isinstance(answer, bytes) and answer.startswith(b"HTTP/1.1 200")),
+        "plain_ms": plain_ms,
+        "kb_per_waiting": (waiting_rss - baseline) / count / 1024,
+    }
+
+
 async def fan_out(server: Server, waiters: int) -> dict:
     """Scenario 5: park ``waiters`` long-polls, wake them with one publish, time it."""
     baseline = server.rss()
@@ -252,9 +306,11 @@ async def fan_out(server: Server, waiters: int) -> dict:
             writer.write(request)
         connections.extend(batch)
     deadline = time.monotonic() + 60
-    while (await asyncio.to_thread(server.get_json, "/waiting"))["waiting"] < waiters:
+    # /waiting may queue behind the flood of polls (granian + Django ASGI first answered it after
+    # 16 s of 5,000): give it most of the minute, not get_json's 10 s.
+    while (await asyncio.to_thread(server.get_json, "/waiting", 30))["waiting"] < waiters:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {(await asyncio.to_thread(server.get_json, '/waiting'))['waiting']} of {waiters} parked")
+            raise TimeoutError(f"only {(await asyncio.to_thread(server.get_json, '/waiting', 30))['waiting']} of {waiters} parked")
         await asyncio.sleep(0.1)
     parked_rss = server.rss()
 
@@ -563,6 +619,10 @@ def report(data: dict) -> str:
             cells.append(f"{entry['first_byte_ms']:.0f} (end {entry['total_s']:.1f} s)" if "first_byte_ms" in entry else entry.get("failed", "n/a"))
         slowest = max((entry.get("other_request_max_ms", 0) for entry in figures.values()), default=0)
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {'no answer' if slowest == float('inf') else f'{slowest:.0f}'} |")
+    lines += ["", "**3b. async def views awaiting 2 s, 500 at once, and a plain request meanwhile**", "",
+              "| server | all answered s | answered | plain request meanwhile ms | KB per waiting request |", "|---|---:|---:|---:|---:|"]
+    for name, entry in data.get("long_awaits", {}).items():
+        lines.append(f"| {name} | {entry['all_answered_s']:.2f} | {entry['answered']} | {entry['plain_ms']:.0f} | {entry['kb_per_waiting']:.1f} |")
     lines += ["", "**5. Long-poll fan-out: N parked requests woken by one publish**", "",
               "| server | N | all answered ms | ratio | p99 ms | publish answered ms | KB per waiter |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, by_size in data["fan_out"].items():
@@ -574,7 +634,7 @@ def report(data: dict) -> str:
             ratio = f"{entry['all_answered_ms'] / ceiling:.2f}" if ceiling else ""
             lines.append(f"| {name} | {size} | {entry['all_answered_ms']:,.0f} | {ratio} | {entry['p99_ms']:,.0f} | "
                          f"{entry['publish_ms']:,.0f} | {entry['kb_per_waiter']:.1f} |")
-    lines += ["", "WSGI servers (gunicorn, WSGIContainer) are left out of 5: each parked request would hold one of their threads.", ""]
+    lines += ["", "WSGI servers (gunicorn, WSGIContainer, granian WSGI) are left out of 5: each parked request would hold one of their threads.", ""]
     chat = data.get("chat")
     if chat:
         lines += ["**6. chat_example.py end to end**", "",
@@ -633,7 +693,7 @@ def main() -> None:
     data = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
-        "seconds": seconds, "rounds": [], "streaming": {}, "fan_out": {},
+        "seconds": seconds, "rounds": [], "streaming": {}, "long_awaits": {}, "fan_out": {},
     }
     names = list(SERVERS)
     for number in range(options.rounds):
@@ -643,6 +703,8 @@ def main() -> None:
         server = Server(name)
         try:
             data["streaming"][name] = asyncio.run(streaming(server))
+            if server.parks and name in ONE_CORE and name != CEILING:
+                data["long_awaits"][name] = asyncio.run(long_awaits(server, 500))
             if server.parks and name in ONE_CORE:
                 data["fan_out"][name] = {}
                 for size in sizes:

@@ -1,6 +1,10 @@
-"""Start one benchmarked server: ``python servers.py NAME PORT [THREADS]``.
+"""Start one benchmarked server: ``python servers.py NAME PORT [N [THREADS]]``.
 
-The peers that have a command line of their own (gunicorn, uvicorn, daphne)
+N is the number of processes for ``ours`` (django_tornado; THREADS, if given,
+is its thread pool's size, else serve()'s default) and of threads for
+``wsgicontainer`` (0: none).
+
+The peers that have a command line of their own (gunicorn, uvicorn, daphne, granian)
 are started by run.py directly; these are the ones that need a few lines.
 """
 
@@ -60,12 +64,12 @@ def raw_tornado(port: int) -> None:
     asyncio.run(main())
 
 
-def django_tornado_server(port: int, processes: int) -> None:
+def django_tornado_server(port: int, processes: int, threads: int | None = None) -> None:
     import app  # noqa: F401 (configures Django)
 
     import django_tornado
 
-    django_tornado.serve([f"127.0.0.1:{port}"], processes=processes)
+    django_tornado.serve([f"127.0.0.1:{port}"], processes=processes, threads=threads)
 
 
 def wsgi_container(port: int, threads: int) -> None:
@@ -89,7 +93,7 @@ if __name__ == "__main__":
     if name == "raw":
         raw_tornado(int(port))
     elif name == "ours":
-        django_tornado_server(int(port), int(rest[0]) if rest else 1)
+        django_tornado_server(int(port), int(rest[0]) if rest else 1, int(rest[1]) if len(rest) > 1 else None)
     elif name == "wsgicontainer":
         wsgi_container(int(port), int(rest[0]) if rest else 0)
     else:
