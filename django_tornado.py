@@ -1339,7 +1339,7 @@ class _Event(dict):
     made; what the transports send of it is encoded once, the first time.
     """
 
-    __slots__ = ("_data_json", "_frame", "_json")
+    __slots__ = ("_data_json", "_frame", "_json", "_websocket_frame")
 
     def __init__(self, event_id: int, data: Any, name: str | None, data_json: str | None = None) -> None:
         super().__init__(id=event_id, data=data)
@@ -1348,12 +1348,19 @@ class _Event(dict):
         self._data_json = data_json
         self._frame: bytes | None = None
         self._json: str | None = None
+        self._websocket_frame: bytes | None = None
 
     def json_text(self) -> str:
         """The event as JSON (what a WebSocket sends)."""
         if self._json is None:
             self._json = _json_text(self)
         return self._json
+
+    def websocket_frame(self) -> bytes:
+        """The event as one WebSocket text frame: a server's frames are unmasked, so the same bytes for every socket."""
+        if self._websocket_frame is None:
+            self._websocket_frame = _websocket_frame(self.json_text().encode(), binary=False)
+        return self._websocket_frame
 
     def sse_frame(self) -> bytes:
         """The event as Server-Sent Events fields (``id:``, ``event:``, ``data:``)."""
@@ -2241,7 +2248,7 @@ class WebSocket:
         elif isinstance(data, str):
             message, binary = data, False
         elif isinstance(data, _Event):
-            message, binary = data.json_text(), False
+            message, binary = data, False  # its frame is made once, for every socket
         else:
             message, binary = _encode_event_data(data), False
         self._on_loop(self._write, message, binary)
@@ -2311,13 +2318,20 @@ class WebSocket:
             if self._turn is asyncio.current_task():
                 self._turn = None  # the last one done: nothing stays referenced for the socket's life
 
-    def _write(self, message: str | bytes, binary: bool) -> None:
-        if self._closed:
-            return
-        try:
-            written = self._protocol.write_message(message, binary=binary)
-        except tornado.websocket.WebSocketClosedError:
+    def _write(self, message: str | bytes | _Event, binary: bool) -> None:
+        connection = None if self._closed else self._protocol.ws_connection
+        if connection is None or connection.is_closing():
             return  # closing: what was still to send goes nowhere
+        try:
+            if self.compression:  # each socket deflates with its own context
+                text = message.json_text() if isinstance(message, _Event) else message
+                written = connection.write_message(text, binary=binary)
+            elif isinstance(message, _Event):
+                written = self._stream.write(message.websocket_frame())
+            else:  # the frame Tornado's write_message makes, without the task it starts for every message
+                written = self._stream.write(_websocket_frame(tornado.escape.utf8(message), binary))
+        except (tornado.websocket.WebSocketClosedError, tornado.iostream.StreamClosedError):
+            return
         except tornado.iostream.StreamBufferFullError:
             _logger.warning("WebSocket %s: the client left %d bytes unread; closing it with 1008", self.request.path, self.max_queued_bytes)
             self._stream.max_write_buffer_size = None  # room for the close frame
@@ -2369,6 +2383,16 @@ def _forget_the_urls_tried(request: HttpRequest) -> None:
 
 def _nothing() -> None:
     """A socket's channel reader has nothing to do when the server stops: the server closes the socket."""
+
+
+def _websocket_frame(payload: bytes, binary: bool) -> bytes:
+    """One whole, unmasked frame (RFC 6455, 5.2): text or binary ``payload``."""
+    first = 0x82 if binary else 0x81  # FIN and the opcode
+    if len(payload) < 126:
+        return struct.pack("!BB", first, len(payload)) + payload
+    if len(payload) <= 0xFFFF:
+        return struct.pack("!BBH", first, 126, len(payload)) + payload
+    return struct.pack("!BBQ", first, 127, len(payload)) + payload
 
 
 def _written(write: asyncio.Future[None]) -> None:

@@ -1346,7 +1346,7 @@ def socket_url(server, path):
 class SocketClient:
     """A real WebSocket client (Tornado's), driven from the test's thread: each call runs on its own loop."""
 
-    def __init__(self, url, headers=None, cookies=None):
+    def __init__(self, url, headers=None, cookies=None, compression=False):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -1355,7 +1355,7 @@ class SocketClient:
             request_headers["Cookie"] = "; ".join(f"{name}={value}" for name, value in cookies.items())
         request = tornado.httpclient.HTTPRequest(url, headers=request_headers, request_timeout=TIMEOUT)
         try:
-            self.connection = self._on_its_loop(lambda: tornado.websocket.websocket_connect(request))
+            self.connection = self._on_its_loop(lambda: tornado.websocket.websocket_connect(request, compression_options={} if compression else None))
         except BaseException:
             self.close()
             raise
@@ -1371,7 +1371,7 @@ class SocketClient:
     def receive(self, timeout=TIMEOUT):
         """The next message (a str or bytes; a JSON text decoded), or None once the server has closed."""
         message = self._on_its_loop(self.connection.read_message, timeout)
-        if isinstance(message, str) and message[:1] in "[{":
+        if isinstance(message, str) and message[:1] in ("[", "{"):
             return json.loads(message)
         return message
 
@@ -1582,6 +1582,41 @@ def test_a_subscribed_socket_gets_the_channels_events_replaying_after_since(serv
         assert [outrun.receive()["id"] for _ in range(3)] == later
     finally:
         outrun.close()
+
+
+class Echo(WebSocket):
+    """Sends back what it gets, and the feed's events; ``Deflating`` compresses."""
+
+    def open(self):
+        self.subscribe(feed)
+
+    def on_message(self, message):
+        self.send(message)
+
+
+class Deflating(Echo):
+    compression = True
+
+
+urlpatterns += [path("ws/echo", Echo.as_view()), path("ws/deflating", Deflating.as_view())]
+
+
+@pytest.mark.parametrize("endpoint", ["/ws/echo", "/ws/deflating"])
+def test_messages_of_every_frame_length_arrive_whole_as_text_or_binary_compressed_or_not(server, endpoint):
+    client = SocketClient(socket_url(server, endpoint), compression=True)  # the client offers deflate; only Deflating takes it
+    try:
+        assert ("permessage-deflate" in client.connection.headers.get("Sec-WebSocket-Extensions", "")) == (endpoint == "/ws/deflating")
+        for length in (0, 125, 126, 65535, 65536, 300_000):  # the three length encodings, each side of their bounds
+            text = ("é" * length)[: length // 2] + "x" * (length - length // 2)  # more bytes than characters
+            client.send(text)
+            assert client.receive() == text
+            client.send(bytes(range(256)) * (length // 256) + b"\0" * (length % 256))
+            assert client.receive() == bytes(range(256)) * (length // 256) + b"\0" * (length % 256)
+        wait_for(lambda: readers_of("socket-feed") >= 1)
+        event_id = feed.publish({"text": "é" * 200})
+        assert client.receive() == {"id": event_id, "data": {"text": "é" * 200}}
+    finally:
+        client.close()
 
 
 def test_a_websocket_url_without_upgrade_gets_426(server):
