@@ -2328,6 +2328,17 @@ def busy_port():
         yield listener.getsockname()[1]
 
 
+def assert_fails_in_one_line(project, command, message, **kwargs):
+    """The server ``command`` starts exits non-zero, having printed one line, which starts with ``message``."""
+    with running(project, *command, **kwargs) as server:
+        code = server.process.wait(TIMEOUT)
+        server.stop()
+    output = [line for line in server.output if line.strip()]
+    assert code != 0
+    assert len(output) == 1, output
+    assert output[0].startswith(message)
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -2343,13 +2354,7 @@ def busy_port():
 )
 def test_bad_arguments_exit_non_zero_with_one_clear_line(project, busy_port, arguments, message):
     arguments = [argument.format(busy_port=busy_port) for argument in arguments]
-    with running(project, *runtornado(*arguments)) as server:
-        code = server.process.wait(TIMEOUT)
-        server.stop()
-    output = [line for line in server.output if line.strip()]
-    assert code != 0
-    assert len(output) == 1, output
-    assert output[0].startswith(message.format(busy_port=busy_port))
+    assert_fails_in_one_line(project, runtornado(*arguments), message.format(busy_port=busy_port))
 
 
 @pytest.mark.parametrize(
@@ -2360,13 +2365,7 @@ def test_bad_arguments_exit_non_zero_with_one_clear_line(project, busy_port, arg
     ],
 )
 def test_a_bad_channels_url_stops_the_server_at_once_with_one_clear_line(project, channels_url, message):
-    with running(project, *runtornado("127.0.0.1:0"), environment={"TEST_CHANNELS_URL": channels_url}) as server:
-        code = server.process.wait(TIMEOUT)
-        server.stop()
-    output = [line for line in server.output if line.strip()]
-    assert code != 0
-    assert len(output) == 1, output
-    assert output[0].startswith(message.format(busy_port=busy_port))
+    assert_fails_in_one_line(project, runtornado("127.0.0.1:0"), message, environment={"TEST_CHANNELS_URL": channels_url})
 
 
 @pytest.mark.parametrize("settings_module", ["project_settings", "explicit_settings"])
