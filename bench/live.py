@@ -41,7 +41,6 @@ import datetime
 import json
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,8 @@ from run import (
     children,
     fan_out,
     free_port,
+    percentile_of,
+    redis_server,
     taskset,
 )
 
@@ -149,29 +150,6 @@ def connections_per_worker(server: LiveServer) -> list[int]:
                     count += os.readlink(f"/proc/{pid}/fd/{fd}") in inodes
         counts.append(count)
     return counts
-
-
-@contextlib.contextmanager
-def redis_server():
-    """A private redis-server on a free port, on CPU 1, keeping nothing on disk; yields its port."""
-    if shutil.which("redis-server") is None:
-        sys.exit("bench/live.py needs redis-server (apt-get install redis-server)")
-    port = free_port()
-    process = subprocess.Popen([*taskset("1"), "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 10
-        while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True, check=False).stdout.strip() != "PONG":
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-        yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # -- The SSE client ------------------------------------------------------------------------
@@ -474,12 +452,7 @@ async def delivery(port: int, clients: int, publish_command: list[str], total: i
     expected = published["sent"] * clients
 
     def percentile(fraction: float) -> int | None:
-        count, target = 0, fraction * sum(latency_ms.values())
-        for milliseconds in sorted(latency_ms):
-            count += latency_ms[milliseconds]
-            if count >= target:
-                return milliseconds
-        return None
+        return percentile_of(latency_ms, fraction)
 
     return {
         "clients": clients, "opened": clients - len(failed),

@@ -32,7 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import live
-from run import PY
+from run import PY, redis_server
 
 
 def gc_serve(output: str, name: str, port: int) -> None:
@@ -109,7 +109,7 @@ def overflow_probe(server_part: str, clients: int, seconds: float, rate: float) 
     name = next(name for name in live.REDIS_SERVERS if server_part in name)
     command, environment, peer = live.REDIS_SERVERS[name]
     print(f"{name}: {clients:,} clients, {rate:g} events/s for {seconds:g} s from a plain process")
-    with live.redis_server() as redis_port:
+    with redis_server() as redis_port:
         environment = {key: value.format(redis=redis_port) for key, value in environment.items()}
         environment["BENCH_REDIS_PORT"] = str(redis_port)
         server = live.LiveServer(name, command, environment)

@@ -170,6 +170,40 @@ def children(pid: int) -> list[int]:
     return [*direct, *(grandchild for child in direct for grandchild in children(child))]
 
 
+@contextlib.contextmanager
+def redis_server():
+    """A private redis-server on a free port, on CPU 1, keeping nothing on disk; yields its port."""
+    if shutil.which("redis-server") is None:
+        sys.exit(f"{os.path.basename(sys.argv[0])} needs redis-server (apt-get install redis-server)")
+    port = free_port()
+    process = subprocess.Popen([*taskset("1"), "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True, check=False).stdout.strip() != "PONG":
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def percentile_of(counts: dict, fraction: float):
+    """The value below which ``fraction`` of the samples lie, from ``counts`` ({value: how many times})."""
+    count, target = 0, fraction * sum(counts.values())
+    for value in sorted(counts):
+        count += counts[value]
+        if count >= target:
+            return value
+    return None
+
+
 def wrk(url: str, seconds: float, connections: int) -> dict:
     """Requests/s, p99 latency (ms), requests and error counts from wrk on CPU 1."""
     output = subprocess.run(
@@ -545,12 +579,7 @@ async def chat_load(port: int, receivers: int, seconds: float, rate: float, *, d
     received = sum(tally.received for tally in tallies)
 
     def percentile(fraction: float) -> float | None:
-        count, target = 0, fraction * sum(latency_ms.values())
-        for milliseconds in sorted(latency_ms):
-            count += latency_ms[milliseconds]
-            if count >= target:
-                return milliseconds
-        return None
+        return percentile_of(latency_ms, fraction)
 
     return {
         "sent": total,

@@ -64,7 +64,6 @@ import math
 import os
 import re
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -74,7 +73,17 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from run import BENCH, PY, RESULTS, ROOT, children, free_port, machine, taskset
+from run import (
+    BENCH,
+    PY,
+    RESULTS,
+    ROOT,
+    children,
+    free_port,
+    machine,
+    redis_server,
+    taskset,
+)
 
 CEILING = "raw Tornado (ceiling)"
 REFERENCE = {"deliveries_per_s": 20021, "p99_ms": 91}  # raw Tornado's sustained figures measured earlier on this kind of machine (the brief's)
@@ -200,30 +209,6 @@ def started(name: str, command: list[str], environment: dict[str, str], common: 
         # A traceback's last line names the exception: which ones, how often.
         exceptions = collections.Counter(line.strip()[:160] for line in lines if EXCEPTION_LINE.match(line))
         figures["server_log_exceptions"] = dict(exceptions.most_common(8))
-
-
-@contextlib.contextmanager
-def redis_server():
-    """A private redis-server on a free port, on CPU 1, keeping nothing on disk; yields its port."""
-    if shutil.which("redis-server") is None:
-        sys.exit("bench/sockets.py needs redis-server (apt-get install redis-server)")
-    port = free_port()
-    process = subprocess.Popen([*taskset("1"), "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 10
-        while redis_cli(port, "ping") != "PONG":
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-        yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def redis_cli(port: int, *command: str) -> str:

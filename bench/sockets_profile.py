@@ -30,7 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import sockets
-from run import taskset
+from run import redis_server, taskset
 
 
 def py_spy() -> str:
@@ -125,7 +125,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if taskset("1"):
         os.sched_setaffinity(0, {1})
-    with tempfile.TemporaryDirectory() as directory, sockets.redis_server() as redis_port:
+    with tempfile.TemporaryDirectory() as directory, redis_server() as redis_port:
         database, session = sockets.make_database(directory)
         raw_path = options.keep or os.path.join(directory, "stacks.txt")
         common = {"BENCH_DB": database, "BENCH_REDIS_PORT": str(redis_port)}
