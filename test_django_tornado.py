@@ -1346,14 +1346,14 @@ def socket_url(server, path):
 class SocketClient:
     """A real WebSocket client (Tornado's), driven from the test's thread: each call runs on its own loop."""
 
-    def __init__(self, url, headers=None, cookies=None, compression=False):
+    def __init__(self, url, headers=None, cookies=None, compression=False, ca_certs=None):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         request_headers = dict(headers or {})
         if cookies:
             request_headers["Cookie"] = "; ".join(f"{name}={value}" for name, value in cookies.items())
-        request = tornado.httpclient.HTTPRequest(url, headers=request_headers, request_timeout=TIMEOUT)
+        request = tornado.httpclient.HTTPRequest(url, headers=request_headers, request_timeout=TIMEOUT, ca_certs=ca_certs)
         try:
             self.connection = self._on_its_loop(lambda: tornado.websocket.websocket_connect(request, compression_options={} if compression else None))
         except BaseException:
@@ -2400,6 +2400,110 @@ def test_python_m_django_tornado_without_usable_settings_says_so_in_one_line(pro
         server.stop()
     assert code == 1
     assert [line.strip() for line in server.output if line.strip()] == [message]
+
+
+# -- Behind nginx, configured as README.rst says, over TLS ------------------------------
+
+
+def readme_nginx_config():
+    """The nginx configuration README.rst's *Behind nginx* gives: its first literal block."""
+    text = (pathlib.Path(__file__).parent / "README.rst").read_text()
+    section = text.split("\nBehind nginx\n", 1)[1]
+    block = section.split("::\n\n", 1)[1]
+    lines = []
+    for line in block.splitlines():
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def nginx_in_front(tmp_path, upstream_ports):
+    """README.rst's nginx, listening with TLS on a free loopback port, in front of ``upstream_ports``; yields the port and its certificate."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    assert os.path.exists(binary), "nginx is not installed (.ci/run installs it)"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = readme_nginx_config()
+    upstreams = "".join(f"server 127.0.0.1:{upstream} max_fails=0;\n" for upstream in upstream_ports)
+    config = config.replace("server 127.0.0.1:8000 max_fails=0;\n", upstreams).replace("    server 127.0.0.1:8001 max_fails=0;\n", "")
+    config = config.replace("listen 80;", f"listen 127.0.0.1:{port} ssl; ssl_certificate {tmp_path}/cert.pem; ssl_certificate_key {tmp_path}/key.pem;")
+    config = config.replace("/srv/mysite/static/", f"{tmp_path}/static/")
+    for folder in ("static", "temp"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "static" / "hello.txt").write_text("served by nginx\n")
+    (tmp_path / "nginx.conf").write_text(f"""
+daemon off;
+master_process off;
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/error.log warn;
+events {{}}
+http {{
+    access_log off;
+    client_body_temp_path {tmp_path}/temp/body;
+    proxy_temp_path {tmp_path}/temp/proxy;
+    fastcgi_temp_path {tmp_path}/temp/fastcgi;
+    uwsgi_temp_path {tmp_path}/temp/uwsgi;
+    scgi_temp_path {tmp_path}/temp/scgi;
+{config}
+}}
+""")
+    process = subprocess.Popen([binary, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            with socket.socket() as client:
+                if client.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, "nginx did not start listening"
+            time.sleep(0.05)
+        yield port, str(tmp_path / "cert.pem")
+    finally:
+        process.terminate()
+        process.wait(TIMEOUT)
+    errors = (tmp_path / "error.log").read_text()
+    assert "[error]" not in errors and "[crit]" not in errors and "[emerg]" not in errors, errors
+
+
+def test_behind_nginx_configured_as_readme_says_pages_long_polls_streams_and_sockets_work_over_tls(project, tmp_path):
+    with running(project, *runtornado("--xheaders", "127.0.0.1:0", "127.0.0.1:0")) as server:
+        upstream_ports = [int(url.rstrip("/").rsplit(":", 1)[1]) for url in server.wait_for_banner()]
+        with nginx_in_front(tmp_path, upstream_ports) as (port, certificate):
+            site = f"https://127.0.0.1:{port}"
+            browser = requests.Session()
+            browser.trust_env, browser.verify = False, certificate  # the test's own certificate, not the machine's bundle
+            assert browser.get(f"{site}/static/hello.txt", timeout=TIMEOUT).text == "served by nginx\n"
+            echo = browser.get(f"{site}/echo", timeout=TIMEOUT).json()
+            assert echo["secure"] is True and echo["remote_addr"] == "127.0.0.1"  # X-Forwarded-Proto and X-Real-IP, trusted
+
+            since = browser.post(f"{site}/news/publish", data={"text": "before"}, timeout=TIMEOUT).json()["id"]
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                poll = pool.submit(lambda: browser.get(f"{site}/news/poll", params={"since": since}, timeout=TIMEOUT).json())
+                stream = browser.get(f"{site}/news/events", headers={"Last-Event-ID": str(since)}, stream=True, timeout=TIMEOUT)
+                origin = {"Origin": site}
+                socket_client = SocketClient(f"wss://127.0.0.1:{port}/news/socket?since={since}", headers=origin, ca_certs=certificate)
+                try:
+                    assert "pid" in socket_client.receive()
+                    time.sleep(0.2)  # the long-poll has parked
+                    published = browser.post(f"{site}/news/publish", data={"text": "through nginx"}, timeout=TIMEOUT).json()["id"]
+                    assert [event["id"] for event in poll.result(TIMEOUT)["events"]] == [published]
+                    assert socket_client.receive() == {"id": published, "data": {"text": "through nginx", "padding": ""}}
+                    lines = stream.iter_lines()
+                    assert next(line for line in lines if line.startswith(b"id:")) == f"id: {published}".encode()  # not buffered by nginx
+                    assert json.loads(next(line for line in lines if line.startswith(b"data:"))[5:])["text"] == "through nginx"
+                    socket_client.send("hello")
+                    assert socket_client.receive() == {"echo": "hello"}
+                finally:
+                    socket_client.close()
+                    stream.close()
+            # The page's own origin is https: one on plain http (the scheme the handshake reached the server by) is another site.
+            assert handshake_refusal(f"wss://127.0.0.1:{port}/news/socket", headers={"Origin": f"http://127.0.0.1:{port}"}, ca_certs=certificate) == 403
+        assert server.stop() == 0
 
 
 # -- Hostile and broken clients: raw bytes against serve() as users run it ----------
