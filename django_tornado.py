@@ -404,12 +404,7 @@ class _DjangoBridge:
             SyncToAsync.threadlocal.task_context = None
 
     async def run_blocking(self, executor: concurrent.futures.Executor | None, function: Callable[..., Any], *args: Any) -> Any:
-        """Run blocking Django code in ``executor``, or right here when there is no pool.
-
-        The result comes back with the other calls from threads, in batches (one
-        wake-up of the IOLoop for many), not through run_in_executor's chained
-        futures, one wake-up each.
-        """
+        """Run blocking Django code in ``executor``, or right here when there is no pool (the result comes back as _run_then says)."""
         if executor is None:
             return _call_outside_event_loop(function, *args)
         result = self.loop.create_future()

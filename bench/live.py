@@ -44,21 +44,19 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import run
 from run import (
-    BENCH,
     PY,
     RESULTS,
     ROOT,
     ChatTally,
+    LoggedServer,
     children,
     fan_out,
-    free_port,
     percentile_of,
     redis_server,
     taskset,
@@ -90,38 +88,12 @@ REDIS_SERVERS = {
 # -- Processes: servers with a log file, Redis -------------------------------------------
 
 
-class LiveServer(run.Server):
-    """A server of this benchmark on CPU 0: run.Server's tools, its stderr kept in a file for the report."""
-
-    def __init__(self, name: str, command: list[str], environment: dict[str, str]) -> None:
-        self.name, self.parks = name, True
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
-        self.process = subprocess.Popen(
-            [*taskset("0"), *(part.format(port=self.port) for part in command)],
-            cwd=BENCH,
-            env={**os.environ, **environment, "PYTHONPATH": ROOT, "PATH": os.pathsep.join([os.path.dirname(PY), os.environ.get("PATH", os.defpath)])},
-            stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True,
-        )
-        deadline = time.monotonic() + 30
-        while not self.answers("/sync"):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start: {self.log_lines()[-20:]}")
-            time.sleep(0.1)
+class LiveServer(LoggedServer):
+    """A server of this benchmark, and the processes of it that serve requests."""
 
     def workers(self) -> list[int]:
-        """The processes that serve requests: the leaves of the process tree."""
-        pids = [self.process.pid, *children(self.process.pid)]
-        return [pid for pid in pids if not children(pid)]
-
-    def log_lines(self) -> list[str]:
-        self.log.seek(0)
-        return [line for line in self.log.read().decode(errors="replace").splitlines() if line.strip()]
-
-    def stop(self) -> None:
-        super().stop()
-        self.log.close()
+        """The leaves of the process tree."""
+        return [pid for pid in self.pids() if not children(pid)]
 
 
 def threads_of(pid: int) -> int:

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from typing import Any
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -110,26 +111,36 @@ def taskset(cpu: str) -> list[str]:
 class Server:
     """One benchmarked server process on a free loopback port."""
 
+    parks = True  # whether it can park requests (the WSGI servers can't: each would hold a thread)
+
     def __init__(self, name: str) -> None:
         command, environment, self.parks = SERVERS[name]
+        self._launch(name, command, environment, pin=name in ONE_CORE, stderr=subprocess.PIPE)
+
+    def _launch(self, name: str, command: list[str], environment: dict[str, str], *, pin: bool, stderr: Any) -> None:
+        """Start ``command`` ({port} filled in) and return once it answers /sync."""
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        pin = taskset("0") if name in ONE_CORE else []
         self.process = subprocess.Popen(
-            [*pin, *(part.format(port=self.port) for part in command)],
+            [*(taskset("0") if pin else []), *(part.format(port=self.port) for part in command)],
             cwd=BENCH,
             # The peers' commands (gunicorn, granian, ...) from this Python's bin first: the bench venv need not be activated.
             env={**os.environ, **environment, "PYTHONPATH": ROOT, "PATH": os.pathsep.join([os.path.dirname(PY), os.environ.get("PATH", os.defpath)])},
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=stderr,
             start_new_session=True,
         )
         deadline = time.monotonic() + 30
         while not self.answers("/sync"):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start: {self.process.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"{name} did not start: {self._stop_and_tell()}")
             time.sleep(0.1)
+
+    def _stop_and_tell(self) -> str:
+        """Stop a server that failed to start; what it wrote says why."""
+        self.stop()
+        return self.process.stderr.read().decode()[-2000:]
 
     def answers(self, path: str) -> bool:
         try:
@@ -142,11 +153,13 @@ class Server:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
             return json.load(response)
 
+    def pids(self) -> list[int]:
+        return [self.process.pid, *children(self.process.pid)]
+
     def rss(self) -> int:
         """Resident memory of the server and its children, in bytes."""
-        pids = [self.process.pid, *children(self.process.pid)]
         total = 0
-        for pid in pids:
+        for pid in self.pids():
             with contextlib.suppress(OSError), open(f"/proc/{pid}/statm") as statm:
                 total += int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         return total
@@ -155,10 +168,31 @@ class Server:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, 15)
         try:
-            self.process.wait(15)
+            self.process.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, 9)
             self.process.wait()
+
+
+class LoggedServer(Server):
+    """A server of the live-update benchmarks, on CPU 0, its stderr kept in a file for the report."""
+
+    def __init__(self, name: str, command: list[str], environment: dict[str, str]) -> None:
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
+        self._launch(name, command, environment, pin=True, stderr=self.log)
+
+    def _stop_and_tell(self) -> str:
+        lines = self.log_lines()[-20:]
+        self.stop()
+        return "\n".join(lines)
+
+    def log_lines(self) -> list[str]:
+        self.log.seek(0)
+        return [line for line in self.log.read().decode(errors="replace").splitlines() if line.strip()]
+
+    def stop(self) -> None:
+        super().stop()
+        self.log.close()
 
 
 def children(pid: int) -> list[int]:

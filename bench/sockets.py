@@ -69,7 +69,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,8 +77,7 @@ from run import (
     PY,
     RESULTS,
     ROOT,
-    children,
-    free_port,
+    LoggedServer,
     machine,
     redis_server,
     taskset,
@@ -124,50 +122,12 @@ PROBLEM = re.compile(r"Traceback|Error|Exception|WARNING|CRITICAL", re.IGNORECAS
 # -- Servers and Redis ---------------------------------------------------------------------
 
 
-class Server:
-    """One server of this benchmark on CPU 0, its stderr kept in a file for the report."""
+class Server(LoggedServer):
+    """A server of this benchmark; ``common`` is the environment of every server in the run."""
 
     def __init__(self, name: str, command: list[str], environment: dict[str, str], common: dict[str, str]) -> None:
-        self.name = name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
-        fill = {"port": self.port, "redis": common.get("BENCH_REDIS_PORT", "")}
-        self.process = subprocess.Popen(
-            [*taskset("0"), *(part.format(**fill) for part in command)],
-            cwd=BENCH,
-            env={**os.environ, **common, **{key: value.format(**fill) for key, value in environment.items()},
-                 "PYTHONPATH": ROOT, "PATH": os.pathsep.join([os.path.dirname(PY), os.environ.get("PATH", os.defpath)])},
-            stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True,
-        )
-        deadline = time.monotonic() + 30
-        while not self.answers("/sync"):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{name} did not start")
-            time.sleep(0.1)
-
-    def answers(self, path: str) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def get_json(self, path: str, timeout: float = 10) -> dict:
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
-            return json.load(response)
-
-    def pids(self) -> list[int]:
-        return [self.process.pid, *children(self.process.pid)]
-
-    def rss(self) -> int:
-        """Resident memory of the server and its children, in bytes."""
-        total = 0
-        for pid in self.pids():
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/statm") as statm:
-                total += int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        return total
+        redis = common.get("BENCH_REDIS_PORT", "")
+        super().__init__(name, command, {**common, **{key: value.format(redis=redis) for key, value in environment.items()}})
 
     def cpu_seconds(self) -> float:
         """User and system CPU time of the server and its children so far."""
@@ -177,19 +137,6 @@ class Server:
                 fields = stat.read().rpartition(")")[2].split()
                 total += int(fields[11]) + int(fields[12])  # utime, stime
         return total / os.sysconf("SC_CLK_TCK")
-
-    def log_lines(self) -> list[str]:
-        self.log.seek(0)
-        return [line for line in self.log.read().decode(errors="replace").splitlines() if line.strip()]
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, 15)
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, 9)
-            self.process.wait()
 
 
 @contextlib.contextmanager
